@@ -1,0 +1,48 @@
+"""Document-causal attention backends for packed micro-batches.
+
+Every backend takes q: [T, Hq, D], k, v: [T, Hkv, D] and ``cu_seqlens`` (int32 prefix sums of the
+segment lengths) and returns [T, Hq, D]; no token attends across a segment boundary.
+
+- ``reference``: pure torch, one causal SDPA call per segment. Exact and simple; the oracle.
+- ``triton``: the packed-document Triton kernel in ``wlbtrain.kernels``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def reference_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+    """Per-segment causal attention with grouped-query heads, in plain torch."""
+    groups = q.shape[1] // k.shape[1]
+    bounds = cu_seqlens.tolist()
+    out = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        # [L, H, D] → [H, L, D]; SDPA broadcasts over the head dimension.
+        qs = q[start:end].transpose(0, 1)
+        ks = k[start:end].transpose(0, 1).repeat_interleave(groups, dim=0)
+        vs = v[start:end].transpose(0, 1).repeat_interleave(groups, dim=0)
+        out.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).transpose(0, 1))
+    return torch.cat(out) if out else torch.zeros_like(q)
+
+
+def triton_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+    from wlbtrain.kernels import varlen_attention
+
+    return varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
+
+
+BACKENDS: dict[str, AttentionFn] = {"reference": reference_attention, "triton": triton_attention}
+
+
+def get_backend(name: str) -> AttentionFn:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose from {sorted(BACKENDS)}")
+    return BACKENDS[name]

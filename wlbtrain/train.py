@@ -1,0 +1,281 @@
+"""The training loop: recipe → packed global batches → loss → optimizer step → metrics and
+checkpoints.
+
+One global batch is ``parallel.dp × train.micro_batches`` micro-batches, planned together by the
+packer; every rank plans the same global batch (the packer is deterministic) and trains its own
+``train.micro_batches`` of them. The loss is the sum of token losses divided by the global batch's
+number of target tokens, so variable-length micro-batches weigh every token equally and any
+layout reproduces the single-device loss.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+
+from . import checkpoint as ckpt
+from .config import Config, ConfigError
+from .data.batch import IGNORE, build_micro_batch, num_targets
+from .data.cost import CostModel
+from .data.packing import make_packer, max_piece_for
+from .data.store import open_source
+from .data.stream import DocumentStream
+from .metrics import MetricsLogger, device_peak_tflops, peak_memory_gib
+from .models.attention import get_backend
+from .models.llama import build_model, flops_per_step
+from .parallel.dims import ParallelDims, init_process_group, world_size_from_env
+from .parallel.fsdp import apply_fsdp
+
+
+@dataclass
+class Placement:
+    device: torch.device
+    compute_dtype: torch.dtype  # dtype of matrix products (autocast); weights stay fp32
+    attention: str
+
+
+def resolve_placement(cfg: Config) -> Placement:
+    """Device, compute dtype and attention backend from the recipe's `auto` choices."""
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda was asked for but no CUDA GPU is visible")
+    on_gpu = want == "cuda" or (want == "auto" and torch.cuda.is_available())
+    if on_gpu:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dtype = cfg.train.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if on_gpu else "float32"
+    attention = cfg.train.attention
+    if attention == "auto":
+        attention = "triton" if on_gpu else "reference"
+    if attention == "triton" and not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("train.attention: triton needs a CUDA GPU (or TRITON_INTERPRET=1); "
+                          "use reference on the CPU")
+    return Placement(device, getattr(torch, dtype), attention)
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warmup over `warmup_steps`, then cosine decay to `lr × min_lr_ratio` (1-based)."""
+    t = cfg.train
+    if step <= t.warmup_steps:
+        return t.lr * step / max(t.warmup_steps, 1)
+    progress = (step - t.warmup_steps) / max(t.steps - t.warmup_steps, 1)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * cosine)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    # Norm weights are not decayed: shrinking them only fights the normalisation.
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2))
+
+
+class StopRequest:
+    """SIGTERM / SIGINT set a flag; the loop checkpoints after the current step and stops."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second signal stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"signal {signum}: checkpointing after this step, then stopping", flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Everything one training run holds; ``run()`` trains to ``train.steps``."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        # Everything that can fail on bad input happens before the process group starts.
+        self.place = resolve_placement(cfg)
+        self.store = open_source(cfg.data.source, cfg.data.tokenizer, cfg.data.cache_dir)
+        if self.store.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size: expected at least the tokenizer's vocabulary "
+                              f"({self.store.vocab_size}), got {cfg.model.vocab_size}")
+        self.dims = ParallelDims.from_config(cfg.parallel, world_size_from_env())
+        self.resume_path = self._resume_path()
+
+        init_process_group(self.place.device)
+        self.rank = dist.get_rank()
+        self.mesh = self.dims.build_mesh(self.place.device.type)
+        self.dp_rank = self.mesh["dp"].get_local_rank()
+        self.model = self._build_model()
+        self.optimizer = build_optimizer(self.model, cfg)
+
+        self.cost_model = (CostModel.from_profile(cfg.data.cost_profile) if cfg.data.cost_profile
+                           else CostModel.from_model(cfg.model, cfg.parallel))
+        self.stream, self.packer = self._build_data()
+        self.step = 0
+        if self.resume_path is not None:
+            self._resume(self.resume_path)
+        peak = cfg.train.peak_tflops or device_peak_tflops(self.place.device)
+        self.peak_flops = peak * 1e12 if peak else None
+
+    def _resume_path(self):
+        resume = self.cfg.checkpoint.resume
+        if resume == "none":
+            return None
+        if resume == "auto":
+            return ckpt.latest_checkpoint(self.cfg.train.out_dir)
+        return resume
+
+    def _build_model(self) -> torch.nn.Module:
+        model = build_model(self.cfg.model, get_backend(self.place.attention))
+        if self.dims.dp > 1:
+            apply_fsdp(model, self.mesh["dp"], self.place.compute_dtype)
+        model.to_empty(device=self.place.device)
+        model.init_weights(self.cfg.train.seed)
+        return model
+
+    def _build_data(self):
+        d = self.cfg.data
+        n_micro = self.dims.dp * self.cfg.train.micro_batches
+        max_piece = max_piece_for(d.packing, d.context, d.max_tokens_per_micro_batch)
+        stream = DocumentStream(self.store.doc_lengths, self.cfg.train.seed, max_piece)
+        options = {"outlier_thresholds": d.outlier_thresholds, "fixed_window": d.fixed_window,
+                   "refine": d.refine}
+        packer = make_packer(d.packing, context=d.context,
+                             max_tokens_per_micro_batch=d.max_tokens_per_micro_batch,
+                             n_micro_batches=n_micro, cost_model=self.cost_model, **options)
+        return stream, packer
+
+    def _resume(self, path) -> None:
+        state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        self.stream.load_state_dict(state["stream"])
+        self.packer.load_state_dict(state["packer"])
+        self.step = state["step"]
+        if self.rank == 0:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def _autocast(self):
+        if self.place.compute_dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.place.device.type, dtype=self.place.compute_dtype)
+
+    def train_step(self, plan: list[list]) -> tuple[float, float]:
+        """Forward and backward over this rank's micro-batches of ``plan``, then one optimizer
+        step. Returns (global mean loss per target token, gradient norm)."""
+        mb = self.cfg.train.micro_batches
+        mine = plan[self.dp_rank * mb:(self.dp_rank + 1) * mb]
+        targets = sum(num_targets(pieces, self.store.doc_lengths) for pieces in plan)
+        # FSDP averages gradients over dp ranks; the loss is already a global mean, so undo it.
+        scale = self.dims.dp / max(targets, 1)
+        loss_sum = torch.zeros((), device=self.place.device)
+        for pieces in mine:
+            batch = build_micro_batch(self.store, pieces).to(self.place.device)
+            with self._autocast():
+                logits = self.model(batch.tokens, batch.positions, batch.cu_seqlens,
+                                    batch.max_seqlen)
+            loss = F.cross_entropy(logits.float(), batch.labels, ignore_index=IGNORE,
+                                   reduction="sum")
+            (loss * scale).backward()
+            loss_sum += loss.detach()
+        grad_norm = self._clip_gradients()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.dims.dp > 1:
+            dist.all_reduce(loss_sum, group=self.mesh["dp"].get_group())
+        return loss_sum.item() / max(targets, 1), grad_norm
+
+    def _clip_gradients(self) -> float:
+        max_norm = self.cfg.train.grad_clip or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def _step_record(self, plan, loss, grad_norm, lr, seconds) -> dict:
+        lengths = [length for pieces in plan for _, _, length in pieces]
+        tokens = sum(lengths)
+        costs = [self.cost_model.micro_batch_cost([p[2] for p in pieces]) for pieces in plan]
+        mean_cost = sum(costs) / len(costs)
+        flops = flops_per_step(self.cfg.model, lengths)
+        mfu = flops / seconds / (self.peak_flops * self.dims.world_size) if self.peak_flops else None
+        return {"step": self.step, "loss": loss, "tokens": tokens,
+                "tokens_per_s": tokens / seconds,
+                "tokens_per_s_per_device": tokens / seconds / self.dims.world_size,
+                "mfu": mfu, "imbalance": max(costs) / mean_cost if mean_cost > 0 else 1.0,
+                "step_time_s": seconds, "lr": lr, "grad_norm": grad_norm,
+                "memory_gib": peak_memory_gib(self.place.device)}
+
+    def _train_state(self) -> dict:
+        return {"stream": self.stream.state_dict(), "packer": self.packer.state_dict(),
+                "config": self.cfg.to_dict()}
+
+    def save(self) -> None:
+        ckpt.save_checkpoint(self.cfg.train.out_dir, self.step, self.model, self.optimizer,
+                             self._train_state(), self.cfg.checkpoint.keep)
+
+    def run(self) -> None:
+        cfg = self.cfg
+        rank0 = self.rank == 0
+        if rank0:
+            os.makedirs(cfg.train.out_dir, exist_ok=True)
+            with open(os.path.join(cfg.train.out_dir, "config.yaml"), "w") as f:
+                yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+            print(f"{self.dims.describe(self.rank)}  device {self.place.device}  "
+                  f"attention {self.place.attention}  dtype {self.place.compute_dtype}  "
+                  f"packing {cfg.data.packing}  documents {self.store.num_docs}", flush=True)
+        logger = MetricsLogger(cfg.train.out_dir, cfg.train.steps, rank0, self.step,
+                               cfg.train.tensorboard)
+        saved_step = self.step
+        with StopRequest() as stop:
+            while self.step < cfg.train.steps and not stop.requested:
+                self.step += 1
+                lr = lr_at(self.step, cfg)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                start = time.perf_counter()
+                plan = self.packer.pack(self.stream)
+                loss, grad_norm = self.train_step(plan)  # .item() waits for the device
+                seconds = time.perf_counter() - start
+                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                    logger.log(self._step_record(plan, loss, grad_norm, lr, seconds))
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss} at step {self.step}; the last "
+                                             "checkpoint holds the last good state")
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                    self.save()
+                    saved_step = self.step
+        if self.step != saved_step:
+            self.save()
+        logger.close()
+
+
+def train(cfg: Config) -> None:
+    trainer = Trainer(cfg)
+    try:
+        trainer.run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
