@@ -61,6 +61,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, cache_dir, monkeypatch
     plans_full = record_plans(monkeypatch)
     train(tiny(tmp_path / "full", cache_dir, *steps))
     full = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full")}
+    monkeypatch.undo()
 
     # A run that crashes during step 6: its last checkpoint is step 4.
     plans_crash = record_plans(monkeypatch)
