@@ -5,7 +5,7 @@ Imports torch and triton only. Installed as ``wlbtrain.kernels``.
 
 from .merge import merge_attention_partials
 from .reference import reference_varlen_attention
-from .varlen_attention import (
+from .attention import (
     varlen_attention,
     varlen_attention_backward,
     varlen_attention_forward,
