@@ -1,0 +1,665 @@
+"""Packers: which document pieces go into which micro-batch of a global batch.
+
+A global batch is ``n_micro_batches`` = DP × PP micro-batches planned together (micro-batch m runs
+on DP rank m // micro_batches as pipeline micro-batch m % micro_batches). The slowest micro-batch
+sets the pace of the pipeline and of the DP all-reduce, so what matters is the balance of the
+micro-batches' estimated cost (``CostModel``), not of their token counts:
+
+- ``plain``: stream order, fixed ``context`` tokens per micro-batch, pieces cut at the boundary.
+  What today's frameworks do; the baseline.
+- ``fixed``: fixed ``context`` tokens per micro-batch, but the pieces of a window of
+  ``fixed_window`` global batches are dealt out greedily by cost (longest first onto the
+  least-loaded micro-batch), then the micro-batches are grouped into steps by cost.
+- ``wlb``: WLB-LLM's variable-length packing. Micro-batches hold up to ``max_tokens`` tokens; the
+  longest piece goes first onto the least-loaded micro-batch with room, else onto the one with
+  fewest tokens, else it is carried to the next step. Outliers (pieces at or above the lowest
+  threshold) wait in FIFO ``OutlierQueue``s by length and are released together, one per
+  micro-batch, once a queue holds as many pieces as there are micro-batches: long documents then
+  share a step with documents of similar length instead of stalling it alone. With ``refine`` a
+  bounded local search (moves and swaps between micro-batches, trading short pieces with the
+  carry-over) then drives the step's imbalance towards 1.
+
+Every piece a stream emits is trained exactly once: packers hold back pieces (the cut remainder,
+planned windows, queues, carry-over) only in their state, which ``state_dict`` saves with the
+step at which each piece left the stream, so resuming reproduces the same future plan. All
+planning is deterministic (bounded by move counts, not wall time) for that reason.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterable, Optional
+
+import numpy as np
+
+from wlbtrain.data.cost import CostModel, imbalance
+
+Piece = tuple[int, int, int]  # (doc_id, start, length)
+# A piece held by a packer also remembers the step it was pulled from the stream at:
+# (doc_id, start, length, pulled_step). Token delay = training step − pulled_step.
+Item = tuple[int, int, int, int]
+
+PACKINGS = ("plain", "fixed", "wlb")
+# wlb outlier thresholds as fractions of max_tokens; see default_outlier_thresholds.
+DEFAULT_THRESHOLD_FRACTIONS = (0.25, 0.5)
+DEFAULT_REFINE_MOVES = 256
+# Refine stops once a step is this close to perfect balance: the rest is below the cost model's
+# own accuracy, and every move costs planning time.
+REFINE_GOOD_ENOUGH = 1.002
+# Pair moves of the most loaded micro-batch are tried with this many of the least loaded only:
+# they are where its excess can go, and it bounds the time per move at 8 micro-batches.
+REFINE_PARTNERS = 3
+_EPS = 1e-12
+
+
+def max_piece_for(packing: str, context: int, max_tokens_per_micro_batch: int) -> int:
+    """The longest piece the stream may emit: what one micro-batch of this packing can hold."""
+    _check_packing(packing)
+    return max_tokens_per_micro_batch if packing == "wlb" else context
+
+
+def default_outlier_thresholds(max_tokens: int) -> list[int]:
+    """Two delay queues, at 1/4 and 1/2 of the micro-batch limit.
+
+    Tuned on the doclens samples (see BENCHMARKS.md, "Packing balance"): a queue adds about
+    (mean length of its pieces) / (2 · context) steps of average token delay whatever its
+    threshold, so two queues stay under half a step, while below max_tokens/4 the greedy balances
+    pieces well by itself.
+    """
+    return sorted({max(1, int(max_tokens * f)) for f in DEFAULT_THRESHOLD_FRACTIONS})
+
+
+def make_packer(packing: str, *, context: int, max_tokens_per_micro_batch: int | None = None,
+                n_micro_batches: int, cost_model: CostModel, **options) -> "Packer":
+    """Build the packer named by ``data.packing``.
+
+    options (each ignored by packers it does not concern): outlier_thresholds (list[int] or None:
+    tuned default), refine (bool, default True), refine_moves (int), max_carry (tokens refine
+    may hold back per step; default: context), fixed_window (int, default 1).
+    """
+    _check_packing(packing)
+    known = {"outlier_thresholds", "refine", "refine_moves", "max_carry", "fixed_window"}
+    unknown = set(options) - known
+    if unknown:
+        raise ValueError(f"unknown packer option(s) {', '.join(sorted(unknown))}; "
+                         f"known: {', '.join(sorted(known))}")
+    if context <= 0 or n_micro_batches <= 0:
+        raise ValueError(f"context ({context}) and n_micro_batches ({n_micro_batches}) must be positive")
+    if packing == "plain":
+        return PlainPacker(n_micro_batches, cost_model, context)
+    if packing == "fixed":
+        return FixedPacker(n_micro_batches, cost_model, context,
+                           window=options.get("fixed_window") or 1)
+    max_tokens = max_tokens_per_micro_batch or context
+    return WlbPacker(n_micro_batches, cost_model, context, max_tokens,
+                     thresholds=options.get("outlier_thresholds"),
+                     refine=options.get("refine", True),
+                     refine_moves=options.get("refine_moves", DEFAULT_REFINE_MOVES),
+                     max_carry=options.get("max_carry"))
+
+
+def _check_packing(packing: str) -> None:
+    if packing not in PACKINGS:
+        raise ValueError(f"packing {packing!r}: expected one of {', '.join(PACKINGS)}")
+
+
+# ----------------------------------------------------------------------------------------- base
+
+class Packer:
+    """Plans one global batch per ``pack`` call; subclasses implement ``_plan``."""
+
+    name = "base"
+
+    def __init__(self, n_micro_batches: int, cost_model: CostModel):
+        self.n_micro_batches = n_micro_batches
+        self.cost_model = cost_model
+        self.step = 0  # global batches planned so far
+        # delay in steps of every piece of the last plan, in the plan's shape
+        self.last_delays: list[list[int]] = []
+
+    def pack(self, stream) -> Optional[list[list[Piece]]]:
+        plan = self._plan(stream)
+        if plan is None:
+            return None
+        self.last_delays = [[self.step - item[3] for item in mb] for mb in plan]
+        self.step += 1
+        return [[item[:3] for item in mb] for mb in plan]
+
+    def pending(self) -> list[Piece]:
+        return [item[:3] for item in self._held()]
+
+    def state_dict(self) -> dict:
+        return {"packing": self.name, "n_micro_batches": self.n_micro_batches,
+                "step": self.step, **self._state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("packing") != self.name or state.get("n_micro_batches") != self.n_micro_batches:
+            raise ValueError(
+                f"packer state is for packing {state.get('packing')!r} with "
+                f"{state.get('n_micro_batches')} micro-batches, but this run uses {self.name!r} "
+                f"with {self.n_micro_batches}: resume with the same data.packing and layout")
+        self.step = int(state["step"])
+        self._load(state)
+
+    def _pull(self, stream) -> Optional[Item]:
+        piece = stream.next()
+        return None if piece is None else (*map(int, piece), self.step)
+
+    # subclass hooks
+    def _plan(self, stream) -> Optional[list[list[Item]]]:
+        raise NotImplementedError
+
+    def _held(self) -> list[Item]:
+        raise NotImplementedError
+
+    def _state(self) -> dict:
+        raise NotImplementedError
+
+    def _load(self, state: dict) -> None:
+        raise NotImplementedError
+
+
+def _items(rows) -> list[Item]:
+    return [tuple(int(v) for v in row) for row in rows]
+
+
+def _cut(item: Item, head: int) -> tuple[Item, Item]:
+    """Split a piece after ``head`` tokens; both halves keep the pull step."""
+    doc, start, length, pulled = item
+    return (doc, start, head, pulled), (doc, start + head, length - head, pulled)
+
+
+def _tokens(items: Iterable[Item]) -> int:
+    return sum(item[2] for item in items)
+
+
+# ---------------------------------------------------------------------------------------- plain
+
+class PlainPacker(Packer):
+    """Stream order, exactly ``context`` tokens per micro-batch; the cut remainder waits."""
+
+    name = "plain"
+
+    def __init__(self, n_micro_batches: int, cost_model: CostModel, context: int):
+        super().__init__(n_micro_batches, cost_model)
+        self.context = context
+        self.held: list[Item] = []  # the remainder of a piece cut at a micro-batch boundary
+
+    def _plan(self, stream):
+        plan = [self._fill(stream) for _ in range(self.n_micro_batches)]
+        return plan if any(plan) else None
+
+    def _fill(self, stream) -> list[Item]:
+        micro_batch, room = [], self.context
+        while room > 0:
+            item = self.held.pop(0) if self.held else self._pull(stream)
+            if item is None:
+                break
+            if item[2] > room:
+                item, rest = _cut(item, room)
+                self.held.insert(0, rest)
+            micro_batch.append(item)
+            room -= item[2]
+        return micro_batch
+
+    def _held(self):
+        return list(self.held)
+
+    def _state(self):
+        return {"held": [list(i) for i in self.held]}
+
+    def _load(self, state):
+        self.held = _items(state["held"])
+
+
+# ---------------------------------------------------------------------------------------- fixed
+
+class FixedPacker(Packer):
+    """Fixed-length micro-batches, balanced greedily by cost over a window of global batches."""
+
+    name = "fixed"
+
+    def __init__(self, n_micro_batches: int, cost_model: CostModel, context: int, window: int = 1):
+        super().__init__(n_micro_batches, cost_model)
+        if window < 1:
+            raise ValueError(f"fixed_window must be >= 1, got {window}")
+        self.context = context
+        self.window = window
+        self.held: list[Item] = []  # remainder of the piece cut at the window's token budget
+        self.planned: list[list[list[Item]]] = []  # planned global batches not yet handed out
+
+    def _plan(self, stream):
+        if not self.planned:
+            self.planned = self._plan_window(stream)
+        return self.planned.pop(0) if self.planned else None
+
+    def _plan_window(self, stream) -> list[list[list[Item]]]:
+        n_bins = self.window * self.n_micro_batches
+        pool = self._take_exactly(stream, n_bins * self.context)
+        bins = fixed_length_greedy(pool, n_bins, self.context, self.cost_model)
+        return group_into_steps(bins, self.n_micro_batches, self.cost_model)
+
+    def _take_exactly(self, stream, budget: int) -> list[Item]:
+        """Pull pieces worth exactly ``budget`` tokens (fewer at the end), cutting the last."""
+        pool, self.held = self.held, []
+        tokens = _tokens(pool)
+        while tokens < budget:
+            item = self._pull(stream)
+            if item is None:
+                break
+            pool.append(item)
+            tokens += item[2]
+        if tokens > budget:
+            head, rest = _cut(pool[-1], pool[-1][2] - (tokens - budget))
+            pool[-1] = head
+            self.held = [rest]
+        return pool
+
+    def _held(self):
+        return [item for step in self.planned for mb in step for item in mb] + self.held
+
+    def _state(self):
+        return {"held": [list(i) for i in self.held],
+                "planned": [[[list(i) for i in mb] for mb in step] for step in self.planned]}
+
+    def _load(self, state):
+        self.held = _items(state["held"])
+        self.planned = [[_items(mb) for mb in step] for step in state["planned"]]
+
+
+def fixed_length_greedy(pool: list[Item], n_bins: int, capacity: int,
+                        cost_model: CostModel) -> list[list[Item]]:
+    """Longest piece first onto the least-loaded bin with room; a piece no bin can take whole is
+    cut over the emptiest bins, so every bin ends exactly full when the pool fills them all."""
+    bins: list[list[Item]] = [[] for _ in range(n_bins)]
+    cost = np.zeros(n_bins)
+    room = np.full(n_bins, capacity, dtype=np.int64)
+    for item in sorted(pool, key=_longest_first):
+        fits = room >= item[2]
+        if fits.any():
+            b = int(np.argmin(np.where(fits, cost, np.inf)))
+            _place(bins, cost, room, b, item, cost_model)
+            continue
+        while item is not None and room.max() > 0:
+            b = int(np.argmax(room))
+            head, rest = _cut(item, int(room[b])) if item[2] > room[b] else (item, None)
+            _place(bins, cost, room, b, head, cost_model)
+            item = rest
+    return bins
+
+
+def _place(bins, cost, room, b, item, cost_model):
+    bins[b].append(item)
+    cost[b] += cost_model.piece_cost(item[2])
+    room[b] -= item[2]
+
+
+def group_into_steps(bins: list[list[Item]], n: int, cost_model: CostModel) -> list[list[list[Item]]]:
+    """Micro-batches of similar cost share a step: sort by cost, take them n at a time."""
+    bins = [b for b in bins if b]
+    bins.sort(key=lambda b: -cost_model.micro_batch_cost(i[2] for i in b))
+    steps = [bins[k:k + n] for k in range(0, len(bins), n)]
+    if steps:
+        steps[-1] += [[] for _ in range(n - len(steps[-1]))]
+    return steps
+
+
+def _longest_first(item: Item):
+    # ties by pull step then position in the stream: deterministic and oldest first
+    return (-item[2], item[3], item[0], item[1])
+
+
+# ------------------------------------------------------------------------------------------ wlb
+
+class OutlierQueue:
+    """FIFO of outlier pieces with length in [low, high), released n at a time."""
+
+    def __init__(self, low: int, high: int):
+        self.low, self.high = low, high
+        self.items: deque[Item] = deque()
+
+    def __len__(self):
+        return len(self.items)
+
+    def accepts(self, length: int) -> bool:
+        return self.low <= length < self.high
+
+    def release(self, n: int) -> list[Item]:
+        return [self.items.popleft() for _ in range(min(n, len(self.items)))]
+
+
+class WlbPacker(Packer):
+    """Variable-length packing with outlier delay (WLB-LLM), optionally refined by local search."""
+
+    name = "wlb"
+
+    def __init__(self, n_micro_batches: int, cost_model: CostModel, context: int, max_tokens: int,
+                 thresholds: Optional[list[int]] = None, refine: bool = True,
+                 refine_moves: int = DEFAULT_REFINE_MOVES, max_carry: Optional[int] = None):
+        super().__init__(n_micro_batches, cost_model)
+        if max_tokens <= 0:
+            raise ValueError(f"max_tokens_per_micro_batch must be positive, got {max_tokens}")
+        self.context = context
+        self.max_tokens = max_tokens
+        self.thresholds = sorted(thresholds) if thresholds is not None \
+            else default_outlier_thresholds(max_tokens)
+        if any(t <= 0 for t in self.thresholds):
+            raise ValueError(f"outlier thresholds must be positive, got {self.thresholds}")
+        bounds = self.thresholds + [np.iinfo(np.int64).max]
+        self.queues = [OutlierQueue(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        self.refine = refine
+        self.refine_moves = refine_moves
+        self.max_carry = context if max_carry is None else max_carry
+        self.carry: list[Item] = []  # pieces that did not fit the last step
+        # tokens a step pulls: what fixed-length packing would train, so steps stay comparable
+        self.budget = n_micro_batches * context
+
+    def _plan(self, stream):
+        groups, pool = self._gather(stream)
+        if not groups and not pool:
+            return None
+        n, cap, cm = self.n_micro_batches, self.max_tokens, self.cost_model
+        bins, returned = place_outlier_groups(groups, n, cap, cm)
+        for item in reversed(returned):  # back to the head of its queue: FIFO order kept
+            self._queue_for(item[2]).items.appendleft(item)
+        if self.refine:
+            # carried pieces first: refine holds back only fresh pieces, so nothing starves
+            bins, left = greedy_pack(pool, n, cap, cm, bins=bins, first=lambda it: it[3] < self.step)
+            bins, left = refine_plan(bins, left, cap, cm, max_moves=self.refine_moves,
+                                     max_carry=self.max_carry, may_hold=self._may_hold)
+        else:
+            bins, left = greedy_pack(pool, n, cap, cm, bins=bins)
+        self.carry = left
+        return bins
+
+    def _may_hold(self, item: Item) -> bool:
+        # Only fresh pieces below the outlier thresholds: a held piece waits one step, and an
+        # outlier held back would land next step without the similar outliers of its group.
+        short = not self.thresholds or item[2] < self.thresholds[0]
+        return short and item[3] == self.step
+
+    def _gather(self, stream) -> tuple[list[list[Item]], list[Item]]:
+        """This step's candidates: released outlier groups, and the carry-over plus fresh pieces
+        up to the token budget (released outliers count towards it)."""
+        pool, groups = self.carry, []
+        self.carry = []
+        tokens = _tokens(pool)
+        for queue in self.queues:  # full queues from earlier steps go first
+            while len(queue) >= self.n_micro_batches and tokens < self.budget:
+                groups.append(queue.release(self.n_micro_batches))
+                tokens += _tokens(groups[-1])
+        exhausted = False
+        while tokens < self.budget:
+            item = self._pull(stream)
+            if item is None:
+                exhausted = True
+                break
+            queue = self._queue_for(item[2])
+            if queue is None:
+                pool.append(item)
+                tokens += item[2]
+                continue
+            queue.items.append(item)
+            # A queue that fills releases at once, even past the budget: the short pieces it
+            # pushes out wait one step instead of the whole group.
+            if len(queue) >= self.n_micro_batches:
+                groups.append(queue.release(self.n_micro_batches))
+                tokens += _tokens(groups[-1])
+        if exhausted:  # no more pieces will come to fill the queues: flush them
+            for queue in self.queues:
+                while len(queue):
+                    groups.append(queue.release(self.n_micro_batches))
+        return groups, pool
+
+    def _queue_for(self, length: int) -> Optional[OutlierQueue]:
+        for queue in self.queues:
+            if queue.accepts(length):
+                return queue
+        return None
+
+    def _held(self):
+        return list(self.carry) + [item for q in self.queues for item in q.items]
+
+    def _state(self):
+        return {"thresholds": list(self.thresholds), "carry": [list(i) for i in self.carry],
+                "queues": [[list(i) for i in q.items] for q in self.queues]}
+
+    def _load(self, state):
+        if list(state["thresholds"]) != list(self.thresholds):
+            raise ValueError(f"packer state has outlier thresholds {state['thresholds']}, this run "
+                             f"{self.thresholds}: resume with the same data.outlier_thresholds")
+        self.carry = _items(state["carry"])
+        for queue, items in zip(self.queues, state["queues"]):
+            queue.items = deque(_items(items))
+
+
+def place_outlier_groups(groups: list[list[Item]], n: int, capacity: int, cost_model: CostModel
+                         ) -> tuple[list[list[Item]], list[Item]]:
+    """Released outliers go one per micro-batch: each group's longest onto the least-loaded.
+
+    A piece that does not fit its micro-batch is returned (it rejoins its queue rather than
+    being carried alone into a step without similar outliers). Returns (bins, returned).
+    """
+    bins: list[list[Item]] = [[] for _ in range(n)]
+    cost, tokens, returned = [0.0] * n, [0] * n, []
+    for group in sorted(groups, key=lambda g: -max(it[2] for it in g)):
+        order = sorted(range(n), key=lambda b: (cost[b], b))
+        for b, item in zip(order, sorted(group, key=_longest_first)):
+            if tokens[b] + item[2] > capacity:
+                returned.append(item)
+                continue
+            bins[b].append(item)
+            cost[b] += cost_model.piece_cost(item[2])
+            tokens[b] += item[2]
+    return bins, sorted(returned, key=lambda it: it[3])
+
+
+def greedy_pack(pool: list[Item], n: int, capacity: int, cost_model: CostModel,
+                bins: Optional[list[list[Item]]] = None, first=None
+                ) -> tuple[list[list[Item]], list[Item]]:
+    """WLB-LLM's greedy: longest piece first onto the least-loaded micro-batch if it has room,
+    else onto the one with fewest tokens if that has room, else it is left over.
+
+    bins: micro-batches already started (default: n empty ones); first: optional predicate,
+    pieces it selects are placed before the others. Returns (n micro-batches, leftovers).
+    """
+    key = _longest_first if first is None else (lambda it: (not first(it), *_longest_first(it)))
+    bins = [list(b) for b in bins] if bins is not None else [[] for _ in range(n)]
+    cost = [cost_model.micro_batch_cost(it[2] for it in b) for b in bins]
+    tokens = [_tokens(b) for b in bins]
+    left: list[Item] = []
+    for item in sorted(pool, key=key):
+        length = item[2]
+        b = cost.index(min(cost))
+        if tokens[b] + length > capacity:
+            b = tokens.index(min(tokens))
+            if tokens[b] + length > capacity:
+                left.append(item)
+                continue
+        bins[b].append(item)
+        cost[b] += cost_model.piece_cost(length)
+        tokens[b] += length
+    return bins, left
+
+
+# --------------------------------------------------------------------------------------- refine
+
+class _Bin:
+    """A micro-batch under local search: its items sorted by length, with lengths and costs."""
+
+    def __init__(self, items: list[Item], cost_model: CostModel):
+        self.cost_model = cost_model
+        self.set(items)
+
+    def set(self, items: list[Item]) -> None:
+        self.items = sorted(items, key=lambda it: it[2])
+        self.lengths = np.array([it[2] for it in self.items], dtype=np.int64)
+        self.costs = self.cost_model.piece_costs(self.lengths)
+        self.cost = float(self.costs.sum())
+        self.tokens = int(self.lengths.sum())
+
+    def without(self, k: int) -> list[Item]:
+        return self.items[:k] + self.items[k + 1:]
+
+
+def refine_plan(bins: list[list[Item]], left: list[Item], capacity: int, cost_model: CostModel,
+                max_moves: int = DEFAULT_REFINE_MOVES, max_carry: int = 0,
+                may_hold=lambda item: True) -> tuple[list[list[Item]], list[Item]]:
+    """Bounded best-improvement local search on the step's imbalance (max / mean cost).
+
+    Each move strictly lowers the imbalance, so the search ends; it stops after ``max_moves``.
+    Moves, all within ``capacity`` tokens per micro-batch:
+      - move a piece from the most loaded micro-batch to another, or swap it with a smaller one;
+      - put a left-over piece into a micro-batch (raises the mean, clears the carry-over);
+      - hold back a piece of the most loaded micro-batch (lowers the max more than the mean),
+        only pieces ``may_hold`` accepts and while the carry-over stays within ``max_carry``.
+    """
+    state = [_Bin(b, cost_model) for b in bins]
+    left = list(left)
+    n = len(state)
+    for _ in range(max_moves):
+        costs = np.array([b.cost for b in state])
+        total = costs.sum()
+        if n < 2 or total <= 0:
+            break
+        current = costs.max() * n / total
+        if current <= REFINE_GOOD_ENOUGH:
+            break
+        candidates = [_best_pair_move(state, costs, capacity),
+                      _best_insert(state, costs, left, capacity, cost_model),
+                      _best_hold(state, costs, left, max_carry, may_hold)]
+        best = min((c for c in candidates if c is not None), key=lambda c: c[0], default=None)
+        if best is None or best[0] >= current * (1 - 1e-9):
+            break
+        best[1](state, left)
+    return [b.items for b in state], left
+
+
+def _rest_max(costs: np.ndarray, exclude: set[int]) -> float:
+    rest = [c for i, c in enumerate(costs) if i not in exclude]
+    return max(rest) if rest else 0.0
+
+
+def _best_pair_move(state, costs, capacity):
+    """Best move or swap of a piece of the most loaded micro-batch h with another micro-batch."""
+    n, total = len(state), costs.sum()
+    h = int(np.argmax(costs))
+    src = state[h]
+    if not src.items:
+        return None
+    best = None
+    partners = [b for b in np.argsort(costs, kind="stable") if b != h][:REFINE_PARTNERS]
+    for b in partners:
+        b = int(b)
+        dst = state[b]
+        rest = _rest_max(costs, {h, b})
+        room = capacity - dst.tokens
+        found = _best_transfer(src, dst, room)
+        if found is None:
+            continue
+        peak, p, q = found
+        score = max(peak, rest) * n / total
+        if best is None or score < best[0]:
+            best = (score, _apply_transfer(h, b, p, q))
+    return best
+
+
+def _best_transfer(src: _Bin, dst: _Bin, room: int):
+    """Minimise max(new src cost, new dst cost) by moving piece p of src to dst, or swapping it
+    with a shorter piece q of dst. Costs grow with length, so a useful swap sends the longer piece
+    to dst and needs l_p − l_q ≤ room. Returns (new pair max, p, q or None) or None."""
+    gap = src.cost - dst.cost
+    if gap <= 0:
+        return None
+    best = None
+    # move: dst takes p whole
+    ok = src.lengths <= room
+    if ok.any():
+        peak = np.maximum(src.cost - src.costs, dst.cost + src.costs)
+        peak = np.where(ok, peak, np.inf)
+        p = int(np.argmin(peak))
+        best = (float(peak[p]), p, None)
+    if len(dst.items):
+        # swap: for each p the ideal q has cost c_p − gap/2; dst is sorted by length (so by cost)
+        target = src.costs - gap / 2
+        lo = np.searchsorted(dst.lengths, src.lengths - room, side="left")
+        hi = np.searchsorted(dst.lengths, src.lengths, side="left")  # q strictly shorter
+        mid = np.searchsorted(dst.costs, target, side="left")
+        for q in (np.clip(mid - 1, lo, hi - 1), np.clip(mid, lo, hi - 1)):
+            valid = (hi > lo) & (q >= 0)
+            qc = dst.costs[np.clip(q, 0, len(dst.costs) - 1)]
+            delta = src.costs - qc
+            peak = np.where(valid, np.maximum(src.cost - delta, dst.cost + delta), np.inf)
+            p = int(np.argmin(peak))
+            if np.isfinite(peak[p]) and (best is None or peak[p] < best[0]):
+                best = (float(peak[p]), p, int(q[p]))
+    return best
+
+
+def _apply_transfer(h, b, p, q):
+    def apply(state, left):
+        src, dst = state[h], state[b]
+        moving = src.items[p]
+        src_items, dst_items = src.without(p), list(dst.items)
+        if q is not None:
+            src_items.append(dst.items[q])
+            dst_items = dst.without(q)
+        src.set(src_items)
+        dst.set(dst_items + [moving])
+    return apply
+
+
+def _best_insert(state, costs, left, capacity, cost_model):
+    """Best left-over piece to put into a micro-batch without raising the step's max."""
+    if not left:
+        return None
+    n, total, peak = len(state), costs.sum(), costs.max()
+    lengths = np.array([it[2] for it in left], dtype=np.int64)
+    extra = cost_model.piece_costs(lengths)
+    best = None
+    for b, bin_ in enumerate(state):
+        ok = lengths <= capacity - bin_.tokens
+        if not ok.any():
+            continue
+        score = np.maximum(peak, bin_.cost + extra) * n / (total + extra)
+        score = np.where(ok, score, np.inf)
+        k = int(np.argmin(score))
+        if best is None or score[k] < best[0]:
+            best = (float(score[k]), _apply_insert(b, k))
+    return best
+
+
+def _apply_insert(b, k):
+    def apply(state, left):
+        state[b].set(state[b].items + [left.pop(k)])
+    return apply
+
+
+def _best_hold(state, costs, left, max_carry, may_hold):
+    """Best piece of the most loaded micro-batch to carry over to the next step."""
+    room = max_carry - _tokens(left)
+    h = int(np.argmax(costs))
+    src = state[h]
+    if room <= 0 or not src.items:
+        return None
+    n, total = len(state), costs.sum()
+    rest = _rest_max(costs, {h})
+    ok = np.array([may_hold(it) for it in src.items]) & (src.lengths <= room)
+    if not ok.any():
+        return None
+    score = np.maximum(src.cost - src.costs, rest) * n / np.maximum(total - src.costs, _EPS)
+    score = np.where(ok, score, np.inf)
+    p = int(np.argmin(score))
+    return float(score[p]), _apply_hold(h, p)
+
+
+def _apply_hold(h, p):
+    def apply(state, left):
+        left.append(state[h].items[p])
+        state[h].set(state[h].without(p))
+    return apply
+
+
+def plan_imbalance(plan: list[list[Piece]], cost_model: CostModel) -> float:
+    """Imbalance of one planned global batch (pieces as (doc, start, length))."""
+    return imbalance([cost_model.micro_batch_cost(p[2] for p in mb) for mb in plan])
