@@ -70,3 +70,9 @@ def test_defaults_alone_are_valid():
     assert cfg.parallel.world_size == 1
     with pytest.raises(ConfigError):
         load_config(None, ["train.micro_batches=0"])
+
+
+@pytest.mark.parametrize("recipe", sorted(__import__("glob").glob("recipes/**/*.yaml", recursive=True)))
+def test_every_shipped_recipe_is_valid(recipe):
+    cfg = load_config(recipe)
+    assert cfg.data.context > 0

@@ -160,9 +160,11 @@ class Config:
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate()
         model, par = self.model, self.parallel
-        _require(model.n_heads % par.tp == 0 and model.n_kv_heads % par.tp == 0, "parallel.tp",
-                 f"a divisor of model.n_heads ({model.n_heads}) and model.n_kv_heads "
-                 f"({model.n_kv_heads}), got {par.tp}")
+        # KV heads split over TP ranks, or are replicated when there are fewer than TP ranks.
+        kv_ok = model.n_kv_heads % par.tp == 0 or par.tp % model.n_kv_heads == 0
+        _require(model.n_heads % par.tp == 0 and kv_ok, "parallel.tp",
+                 f"a divisor of model.n_heads ({model.n_heads}) that divides or is a multiple of "
+                 f"model.n_kv_heads ({model.n_kv_heads}), got {par.tp}")
         _require(model.n_layers % par.pp == 0, "parallel.pp",
                  f"a divisor of model.n_layers ({model.n_layers}), got {par.pp}")
         multiple = par.tp * 2 * par.cp if par.cp > 1 else par.tp
