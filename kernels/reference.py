@@ -13,6 +13,8 @@ import torch
 def _segment_attention(q, k, v, causal, scale):
     """q: [lq, Hq, D], k/v: [lk, Hq, D] fp32 -> out [lq, Hq, D], lse [Hq, lq] (natural log)."""
     lq, lk = q.shape[0], k.shape[0]
+    if lk == 0:
+        return q.new_zeros(q.shape), q.new_full((q.shape[1], lq), float("-inf"))
     scores = torch.einsum("qhd,khd->hqk", q, k) * scale
     if causal:
         rows = torch.arange(lq, device=q.device)[:, None]
