@@ -89,11 +89,11 @@ def make_packer(packing: str, *, context: int, max_tokens_per_micro_batch: int |
         return PlainPacker(n_micro_batches, cost_model, context)
     if packing == "fixed":
         return FixedPacker(n_micro_batches, cost_model, context,
-                           window=options.get("fixed_window") or 1)
+                           window=1 if options.get("fixed_window") is None else options["fixed_window"])
     max_tokens = max_tokens_per_micro_batch or context
     return WlbPacker(n_micro_batches, cost_model, context, max_tokens,
                      thresholds=options.get("outlier_thresholds"),
-                     refine=options.get("refine", True),
+                     refine=True if options.get("refine") is None else options["refine"],
                      refine_moves=options.get("refine_moves", DEFAULT_REFINE_MOVES),
                      max_carry=options.get("max_carry"))
 

@@ -1,0 +1,233 @@
+"""Packers: exactly-once coverage, micro-batch limits, balance, and resumable state."""
+
+import json
+
+import numpy as np
+import pytest
+
+from wlbtrain.data.cost import CostModel, imbalance
+from wlbtrain.data.packing import (OutlierQueue, default_outlier_thresholds, greedy_pack,
+                                   make_packer, max_piece_for, refine_plan)
+from wlbtrain.data.stream import DocumentStream
+
+CONTEXT = 4096
+N_MICRO = 4
+# attention costs as much as the rest at 2K-token documents: long documents dominate, as at 128K
+COST = CostModel(attn_coef=1e-9, linear_coef=2e-6)
+
+VARIANTS = {
+    "plain": ("plain", {}),
+    "fixed": ("fixed", {"fixed_window": 1}),
+    "fixed-window-3": ("fixed", {"fixed_window": 3}),
+    "wlb": ("wlb", {"refine": False}),
+    "wlb-refine": ("wlb", {"refine": True}),
+}
+
+
+def uniform_lengths(n=400, seed=0):
+    return np.random.default_rng(seed).integers(1, 3000, size=n)
+
+
+def long_tail_lengths(n=600, seed=1):
+    """Mostly short documents, a few as long as the context and beyond (split by the stream)."""
+    rng = np.random.default_rng(seed)
+    return np.minimum(rng.pareto(1.1, size=n) * 150 + 1, 3 * CONTEXT).astype(np.int64)
+
+
+class RecordingStream(DocumentStream):
+    """A stream that remembers every piece it emitted."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.emitted = []
+
+    def next(self):
+        piece = super().next()
+        if piece is not None:
+            self.emitted.append(piece)
+        return piece
+
+
+def build(variant, lengths, seed=0, loop=False, max_tokens=CONTEXT, stream_cls=DocumentStream):
+    packing, options = VARIANTS[variant]
+    stream = stream_cls(lengths, seed, max_piece_for(packing, CONTEXT, max_tokens), loop=loop)
+    packer = make_packer(packing, context=CONTEXT, max_tokens_per_micro_batch=max_tokens,
+                         n_micro_batches=N_MICRO, cost_model=COST, **options)
+    return stream, packer
+
+
+def token_counts(lengths, pieces):
+    counts = [np.zeros(n, dtype=np.int32) for n in lengths]
+    for doc, start, length in pieces:
+        assert length > 0 and 0 <= start and start + length <= lengths[doc]
+        counts[doc][start:start + length] += 1
+    return counts
+
+
+def run_epoch(variant, lengths, **kwargs):
+    stream, packer = build(variant, lengths, stream_cls=RecordingStream, **kwargs)
+    plans = []
+    while (plan := packer.pack(stream)) is not None:
+        plans.append(plan)
+        # at every step: trained + pending tokens are exactly the tokens pulled so far
+        trained = [p for step in plans for mb in step for p in mb]
+        assert_same_tokens(lengths, trained + packer.pending(), stream.emitted)
+    return plans, packer
+
+
+def plans_of(variant, lengths, **kwargs):
+    stream, packer = build(variant, lengths, **kwargs)
+    plans = []
+    while (plan := packer.pack(stream)) is not None:
+        plans.append(plan)
+    return plans
+
+
+def assert_same_tokens(lengths, pieces, reference):
+    got, want = token_counts(lengths, pieces), token_counts(lengths, reference)
+    assert all((g == w).all() for g, w in zip(got, want))
+    assert all(g.max(initial=0) <= 1 for g in got), "a token packed twice"
+
+
+def mean_imbalance(plans, cost=COST, skip_last=2):
+    steps = plans[:-skip_last] if skip_last else plans  # the stream's end leaves ragged steps
+    return float(np.mean([imbalance([cost.micro_batch_cost(p[2] for p in mb) for mb in plan])
+                          for plan in steps]))
+
+
+@pytest.mark.parametrize("lengths", [uniform_lengths(), long_tail_lengths()], ids=["uniform", "long-tail"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_token_exactly_once(variant, lengths):
+    plans, packer = run_epoch(variant, lengths)
+    assert packer.pending() == []
+    every = [p for plan in plans for mb in plan for p in mb]
+    counts = token_counts(lengths, every)
+    assert all((c == 1).all() for c in counts), "a token trained twice or never"
+    assert all(len(plan) == N_MICRO for plan in plans)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_micro_batch_limits(variant):
+    lengths = long_tail_lengths(seed=2)
+    plans, _ = run_epoch(variant, lengths, max_tokens=CONTEXT + 1000)
+    limit = CONTEXT + 1000 if variant.startswith("wlb") else CONTEXT
+    sizes = [[sum(p[2] for p in mb) for mb in plan] for plan in plans]
+    assert max(max(s) for s in sizes) <= limit
+    if variant in ("plain", "fixed"):  # fixed length, except the stream's last micro-batches
+        full = [s for step in sizes[:-1] for s in step]
+        assert all(s == CONTEXT for s in full)
+    if variant == "fixed-window-3":
+        assert all(s == CONTEXT for step in sizes[:-3] for s in step)
+
+
+def test_pieces_never_exceed_the_stream_limit():
+    lengths = np.array([10 * CONTEXT, 5, CONTEXT + 1])
+    assert max_piece_for("wlb", CONTEXT, 6000) == 6000
+    assert max_piece_for("plain", CONTEXT, 6000) == CONTEXT
+    assert max_piece_for("fixed", CONTEXT, 6000) == CONTEXT
+    plans, _ = run_epoch("wlb", lengths, max_tokens=6000)
+    assert max(p[2] for plan in plans for mb in plan for p in mb) <= 6000
+
+
+def test_wlb_balances_a_long_tail_better_than_plain():
+    lengths = long_tail_lengths(n=3000, seed=3)
+    plain, fixed, wlb, refined = (mean_imbalance(plans_of(v, lengths))
+                                  for v in ("plain", "fixed", "wlb", "wlb-refine"))
+    assert wlb < plain and wlb < fixed
+    assert refined <= wlb + 1e-9
+    assert refined < 1.1
+
+
+def test_refine_never_raises_a_step_imbalance():
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        lengths = (rng.pareto(1.0, 60) * 200 + 1).astype(int)
+        pool = [(i, 0, int(n), 0) for i, n in enumerate(lengths) if n <= CONTEXT]
+        bins, left = greedy_pack(pool, N_MICRO, CONTEXT, COST)
+        before = imbalance([COST.micro_batch_cost(p[2] for p in b) for b in bins])
+        refined, left2 = refine_plan(bins, left, CONTEXT, COST, max_carry=0)
+        after = imbalance([COST.micro_batch_cost(p[2] for p in b) for b in refined])
+        assert after <= before + 1e-12
+        # max_carry=0: nothing is held back that the greedy had placed
+        assert sorted([p for b in refined for p in b] + left2) == sorted(pool)
+        assert len(left2) <= len(left)
+        assert all(sum(p[2] for p in b) <= CONTEXT for b in refined)
+
+
+def test_outliers_wait_and_leave_in_groups_one_per_micro_batch():
+    # ten outliers of 3000 tokens (queue [2048, ∞)) among short documents
+    lengths = np.array([3000] * 10 + [100] * 800)
+    stream, packer = build("wlb", lengths, seed=5)
+    threshold = packer.thresholds[-1]
+    while (plan := packer.pack(stream)) is not None:
+        per_mb = [sum(p[2] >= threshold for p in mb) for mb in plan]
+        outliers = sum(per_mb)
+        if stream.position < len(lengths):  # before the end: whole groups only
+            assert outliers % N_MICRO == 0
+        assert max(per_mb) <= max(1, -(-outliers // N_MICRO))
+
+
+def test_outlier_queue_is_fifo():
+    queue = OutlierQueue(10, 20)
+    assert queue.accepts(10) and queue.accepts(19) and not queue.accepts(20)
+    queue.items.extend([(i, 0, 15, 0) for i in range(5)])
+    assert [it[0] for it in queue.release(3)] == [0, 1, 2]
+    assert len(queue) == 2
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_state_dict_round_trip_mid_epoch(variant):
+    lengths = long_tail_lengths(n=1500, seed=6)
+    stream, packer = build(variant, lengths, seed=7, loop=True)
+    for _ in range(7):
+        packer.pack(stream)
+    saved = json.loads(json.dumps({"stream": stream.state_dict(), "packer": packer.state_dict()}))
+    expected = [packer.pack(stream) for _ in range(12)]
+    expected_delays = packer.last_delays
+
+    stream2, packer2 = build(variant, lengths, seed=7, loop=True)
+    stream2.load_state_dict(saved["stream"])
+    packer2.load_state_dict(saved["packer"])
+    assert [packer2.pack(stream2) for _ in range(12)] == expected
+    assert packer2.last_delays == expected_delays
+
+
+def test_state_dict_refuses_another_layout():
+    stream, packer = build("wlb", long_tail_lengths())
+    packer.pack(stream)
+    _, other = build("plain", long_tail_lengths())
+    with pytest.raises(ValueError, match="packing"):
+        other.load_state_dict(packer.state_dict())
+
+
+def test_plans_are_deterministic():
+    lengths = long_tail_lengths(seed=8)
+    a = plans_of("wlb-refine", lengths)
+    b = plans_of("wlb-refine", lengths)
+    assert a == b
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_token_delays(variant):
+    stream, packer = build(variant, long_tail_lengths(seed=9), loop=True)
+    for _ in range(10):
+        plan = packer.pack(stream)
+        assert [len(mb) for mb in packer.last_delays] == [len(mb) for mb in plan]
+        delays = [d for mb in packer.last_delays for d in mb]
+        assert min(delays) >= 0
+        if variant == "plain":  # only a cut remainder waits, one step
+            assert max(delays) <= 1
+
+
+def test_default_thresholds_scale_with_the_limit():
+    assert default_outlier_thresholds(131072) == [32768, 65536]
+    assert default_outlier_thresholds(65536) == [16384, 32768]
+
+
+def test_make_packer_rejects_bad_input():
+    with pytest.raises(ValueError, match="packing"):
+        make_packer("greedy", context=CONTEXT, n_micro_batches=4, cost_model=COST)
+    with pytest.raises(ValueError, match="unknown packer option"):
+        make_packer("wlb", context=CONTEXT, n_micro_batches=4, cost_model=COST, refien=True)
+    with pytest.raises(ValueError):
+        make_packer("fixed", context=CONTEXT, n_micro_batches=4, cost_model=COST, fixed_window=0)
