@@ -191,7 +191,8 @@ def variants(cfg, packing_given: bool, json_mode: bool) -> list[Variant]:
     own = {"outlier_thresholds": d.outlier_thresholds, "fixed_window": d.fixed_window,
            "refine": d.refine}
     if json_mode or packing_given:
-        return [Variant(d.packing, d.packing, own)]
+        label = f"fixed (window {d.fixed_window})" if d.packing == "fixed" else d.packing
+        return [Variant(label, d.packing, own)]
     return [Variant("plain", "plain", own),
             Variant(f"fixed (window {d.fixed_window})", "fixed", own),
             Variant("wlb", "wlb", {**own, "refine": False}),
@@ -228,7 +229,7 @@ def format_table(runs: list[PackerRun], cfg, cost_model: CostModel, source: str)
              f"{d.max_tokens_per_micro_batch} tokens; attention costs as much as the rest at "
              f"{cross / 1024:.1f}K-token documents",
              f"{'packing':<20} {'steps':>5}  {'imbalance mean':>14} {'p90':>6} {'max':>6}  "
-             f"{'pack ms':>7}  {'delay mean':>10} {'max':>4}  {'tokens/step':>11}"]
+             f"{'pack ms med':>11} {'mean':>6}  {'delay mean':>10} {'max':>4}  {'tokens/step':>11}"]
     for run in runs:
         s = run.summary(n_micro, d.context)
         if not s["steps"]:
@@ -236,10 +237,12 @@ def format_table(runs: list[PackerRun], cfg, cost_model: CostModel, source: str)
             continue
         lines.append(f"{run.name:<20} {s['steps']:>5}  {s['imbalance_mean']:>14.3f} "
                      f"{s['imbalance_p90']:>6.3f} {s['imbalance_max']:>6.3f}  "
-                     f"{s['pack_ms_median']:>7.2f}  {s['token_delay_mean']:>10.2f} "
+                     f"{s['pack_ms_median']:>11.2f} {s['pack_ms_mean']:>6.2f}  "
+                     f"{s['token_delay_mean']:>10.2f} "
                      f"{s['token_delay_max']:>4}  {s['fill'] * 100:>10.1f}%")
-    lines.append("imbalance = max / mean estimated cost of a step's micro-batches; pack ms = "
-                 "median per global batch; delay = steps a token waited (token-weighted)")
+    lines.append("imbalance = max / mean estimated cost of a step's micro-batches; pack ms per "
+                 "global batch; delay = steps a token waited (mean token-weighted); tokens/step "
+                 "relative to n × context")
     return "\n".join(lines)
 
 
@@ -278,7 +281,25 @@ def _check_plot_available(path: str | None) -> None:
 
 # -------------------------------------------------------------------------------------- CLI
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """Lets options and positionals mix (`plan RECIPE --steps 5 key=value`): plain argparse
+    takes the positionals only from the first run of them and rejects the rest."""
+
+    _mixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._mixing:  # parse_known_intermixed_args calls back into this method
+            return super().parse_known_args(args, namespace)
+        self._mixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._mixing = False
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    if type(parser) is argparse.ArgumentParser:
+        parser.__class__ = _IntermixedParser
     parser.add_argument("recipe", nargs="?", help="YAML recipe (default: the 7B-128K layout)")
     parser.add_argument("--lengths", help="document lengths instead of the recipe's documents: "
                         "a JSON list, one integer a line, or .npy")
