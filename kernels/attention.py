@@ -396,6 +396,7 @@ _HOPPER_BACKWARD = BackwardConfig(KernelConfig(32, 128, 8, 2), KernelConfig(128,
 _SAFE_FORWARD = KernelConfig(64, 32, 4, 2)
 _SAFE_BACKWARD = BackwardConfig(KernelConfig(32, 64, 4, 2), KernelConfig(64, 32, 4, 2))
 _PREPROCESS_BLOCK_T = 64
+_INT32_LIMIT = 2**31
 _FILL_BLOCK_R = 64
 _FILL_BLOCK_C = 256
 
@@ -588,6 +589,17 @@ def _check_inputs(q, k, v, cu_q, cu_k):
         raise ValueError("varlen_attention: q, k, v must be on one device")
 
 
+def _check_offsets(q, k, max_seqlen_q, max_seqlen_k):
+    """Offsets within a segment are 32-bit in the kernels' inner loops (64-bit at segment
+    starts); max_seqlen bounds them."""
+    widest_q = max(q.stride(0), q.shape[1] * q.shape[2])
+    widest_k = max(k.stride(0), k.shape[1] * k.shape[2])
+    if max(max_seqlen_q * widest_q, max_seqlen_k * widest_k) >= _INT32_LIMIT:
+        raise ValueError(f"varlen_attention: segments of {max(max_seqlen_q, max_seqlen_k)} tokens "
+                         f"with {widest_q} values per token overflow 32-bit offsets; split "
+                         f"the documents or shard the heads")
+
+
 def _resolve_scale(softmax_scale, head_dim):
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
     if not scale > 0:
@@ -625,15 +637,15 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     fp32. cu_seqlens_q, cu_seqlens_k: [num_segments + 1] int32 prefix sums on q's device.
     Segment i of q attends only segment i of k. causal: bottom-right aligned, query j of a
     segment with lq queries and lk keys sees keys 0 .. j + lk - lq. softmax_scale defaults to
-    1/sqrt(D). max_seqlen_q, max_seqlen_k: accepted for the usual varlen signature; the kernels
-    derive their work from cu_seqlens and do not rely on them.
+    1/sqrt(D). max_seqlen_q, max_seqlen_k: upper bounds of the segment lengths; the kernels derive their
+    work from cu_seqlens and use these only to check that in-segment offsets fit 32 bits.
 
     Returns out [total_q, Hq, D] in q's dtype; with return_lse=True, (out, lse) where lse is
     [Hq, total_q] fp32 natural-log log-sum-exp (gradients through lse are supported). Rows that
     see no key, and rows outside every segment, get out = 0 and lse = -inf.
     """
-    del max_seqlen_q, max_seqlen_k
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    _check_offsets(q, k, max_seqlen_q, max_seqlen_k)
     scale = _resolve_scale(softmax_scale, q.shape[2])
     out, lse = _VarlenAttention.apply(_inner_contiguous(q), _inner_contiguous(k),
                                       _inner_contiguous(v), cu_seqlens_q, cu_seqlens_k,
@@ -649,8 +661,8 @@ def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     results stay fp32 until they are merged. Not differentiable: pair it with
     varlen_attention_backward.
     """
-    del max_seqlen_q, max_seqlen_k
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    _check_offsets(q, k, max_seqlen_q, max_seqlen_k)
     scale = _resolve_scale(softmax_scale, q.shape[2])
     with torch.no_grad():
         return _forward(_inner_contiguous(q), _inner_contiguous(k), _inner_contiguous(v),
@@ -668,8 +680,8 @@ def varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     dk, dv: [total_k, Hkv, D], summed over the query heads that share each KV head.
     grad_dtype (default q's dtype) lets gradient shares stay fp32 across ring hops.
     """
-    del max_seqlen_q, max_seqlen_k
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    _check_offsets(q, k, max_seqlen_q, max_seqlen_k)
     if out.shape != q.shape or dout.shape != q.shape:
         raise ValueError(f"varlen_attention_backward: out and dout must be {tuple(q.shape)}; "
                          f"got {tuple(out.shape)} and {tuple(dout.shape)}")

@@ -281,9 +281,10 @@ def rel_l2(actual, expected):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype,head_dim,causal", [
+    (torch.bfloat16, 128, True), (torch.bfloat16, 128, False), (torch.bfloat16, 64, True),
+    (torch.float16, 128, True), (torch.float16, 64, False), (torch.float32, 128, True),
+    (torch.float32, 64, False)])
 def test_gpu_matches_fp32_reference(dtype, head_dim, causal):
     """Tiles of the tuned GPU path, long and short segments, GQA, lq < lk and lq > lk."""
     gen = torch.Generator().manual_seed(head_dim + causal)
@@ -301,7 +302,8 @@ def test_gpu_matches_fp32_reference(dtype, head_dim, causal):
     assert rel_l2(out, ref_out) < limit
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
     finite = torch.isfinite(ref_lse)
-    assert (lse[finite] - ref_lse[finite]).abs().max().item() < 50 * limit
+    lse_tol = 1e-4 if dtype == torch.float32 else 2e-3  # scores accumulate in fp32 either way
+    assert (lse[finite] - ref_lse[finite]).abs().max().item() < lse_tol
     for got, want in zip(grads, ref_grads):
         assert torch.isfinite(got).all()
         assert rel_l2(got, want) < 2 * limit
