@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""Packing balance benchmark (Table-2 style) on the doclens samples.
+
+    python scripts/bench_packing.py [--steps 500] [--seed 0] [--doclens DIR] [--only fig3|wiki]
+
+For each document-length file (seeded shuffle, streamed as the loader does, documents longer
+than a micro-batch split) and each layout (7B-128K: 4 micro-batches per global batch, TP8 CP2
+PP4; 550M-64K: 8 micro-batches, TP2 CP2 PP4 DP2), it plans ``--steps`` global batches with every
+packer and prints one markdown table per file: imbalance of the estimated micro-batch cost
+(mean / p90 / max of max÷mean per step), planning time per global batch (median, and mean: the
+fixed packer plans a whole window at once), token delay in steps (token-weighted mean, max),
+tokens per step relative to n × context, and the estimated speedup over plain packing
+(Σ over steps of the busiest micro-batch, per token). Costs come from the FLOP-count cost model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from wlbtrain.data.cost import CostModel  # noqa: E402
+from wlbtrain.data.packing import make_packer, max_piece_for  # noqa: E402
+from wlbtrain.data.stream import DocumentStream  # noqa: E402
+from wlbtrain.plan import simulate  # noqa: E402
+
+DOCLENS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "doclens")
+FILES = {"fig3": "wlbllm_fig3.json", "wiki": "wikipedia_1m.txt"}
+
+LAYOUTS = {
+    # Llama-2-7B shape
+    "7B-128K": dict(model=SimpleNamespace(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                                          ffn_dim=11008, vocab_size=32000),
+                    parallel=SimpleNamespace(tp=8, cp=2, pp=4, dp=1), context=131072, n_micro=4),
+    # a Llama-like 550M: 16 layers of dim 1536, ffn 4096, 16 heads, untied 32K vocabulary
+    "550M-64K": dict(model=SimpleNamespace(dim=1536, n_layers=16, n_heads=16, n_kv_heads=16,
+                                           ffn_dim=4096, vocab_size=32000),
+                     parallel=SimpleNamespace(tp=2, cp=2, pp=4, dp=2), context=65536, n_micro=8),
+}
+
+# (label, packing, options); thresholds are fractions of the micro-batch limit
+VARIANTS = [
+    ("plain", "plain", {}),
+    ("fixed, window 1", "fixed", {"fixed_window": 1}),
+    ("fixed, window 8", "fixed", {"fixed_window": 8}),
+    ("wlb (greedy, 2 queues)", "wlb", {"refine": False}),
+    ("wlb + refine (2 queues)", "wlb", {"refine": True}),
+    ("wlb + refine (3 queues)", "wlb", {"refine": True, "thresholds": (0.25, 0.5, 0.75)}),
+]
+
+
+def load(path: str) -> np.ndarray:
+    if path.endswith(".json"):
+        with open(path) as f:
+            return np.array(json.load(f), dtype=np.int64)
+    with open(path) as f:
+        return np.array(f.read().split(), dtype=np.int64)
+
+
+def run(lengths, layout, packing, options, steps, seed):
+    ctx, n = layout["context"], layout["n_micro"]
+    cost = CostModel.from_model(layout["model"], layout["parallel"])
+    options = dict(options)
+    if "thresholds" in options:
+        options["outlier_thresholds"] = [int(f * ctx) for f in options.pop("thresholds")]
+    stream = DocumentStream(lengths, seed, max_piece_for(packing, ctx, ctx), loop=True)
+    packer = make_packer(packing, context=ctx, max_tokens_per_micro_batch=ctx, n_micro_batches=n,
+                         cost_model=cost, **options)
+    return simulate(packer, stream, steps, cost)
+
+
+def by_step_kind(run, thresholds) -> str:
+    """Mean imbalance of steps holding a top-queue outlier, a lower-queue one, or neither: where
+    the imbalance that is left comes from."""
+    kinds = {"top-queue group": [], "lower-queue group": [], "no outlier": []}
+    for step in run.steps:
+        longest = max((p[2] for mb in step.plan for p in mb), default=0)
+        kind = ("top-queue group" if longest >= thresholds[-1] else
+                "lower-queue group" if longest >= thresholds[0] else "no outlier")
+        kinds[kind].append(step.imbalance)
+    return ", ".join(f"{k}: {len(v) / len(run.steps):.0%} of steps, imbalance {np.mean(v):.3f}"
+                     for k, v in kinds.items() if v)
+
+
+def table(name, lengths, steps, seed) -> str:
+    rows = ["| layout | packing | imbalance mean | p90 | max | pack ms median (mean) | "
+            "token delay mean | max | tokens/step | est. speedup vs plain |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    notes = []
+    for lname, layout in LAYOUTS.items():
+        base = None
+        for label, packing, options in VARIANTS:
+            result = run(lengths, layout, packing, options, steps, seed)
+            s = result.summary(layout["n_micro"], layout["context"])
+            if label == "wlb + refine (2 queues)":
+                ctx = layout["context"]
+                notes.append(f"- {lname}, {label}: {by_step_kind(result, [ctx // 4, ctx // 2])}")
+            base = base or s["s_per_mtoken"]
+            rows.append(f"| {lname} | {label} | {s['imbalance_mean']:.3f} | {s['imbalance_p90']:.3f} "
+                        f"| {s['imbalance_max']:.2f} | {s['pack_ms_median']:.2f} "
+                        f"({s['pack_ms_mean']:.2f}) | {s['token_delay_mean']:.2f} "
+                        f"| {s['token_delay_max']} | {s['fill'] * 100:.1f}% "
+                        f"| {base / s['s_per_mtoken']:.3f}× |")
+            print(f"  {name} {lname} {label}: done", file=sys.stderr, flush=True)
+    return "\n".join(rows + [""] + notes)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--doclens", default=DOCLENS)
+    parser.add_argument("--only", choices=list(FILES))
+    args = parser.parse_args(argv)
+    print(f"{os.cpu_count()}-core CPU, {cpu_model()}; {datetime.date.today()}; "
+          f"`python scripts/bench_packing.py --steps {args.steps} --seed {args.seed}`\n")
+    for name, filename in FILES.items():
+        if args.only and name != args.only:
+            continue
+        lengths = load(os.path.join(args.doclens, filename))
+        print(f"**{filename}** ({len(lengths):,} documents, {args.steps} global batches)\n")
+        print(table(name, lengths, args.steps, args.seed))
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
