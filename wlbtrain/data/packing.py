@@ -16,8 +16,8 @@ micro-batches' estimated cost (``CostModel``), not of their token counts:
   threshold) wait in FIFO ``OutlierQueue``s by length and are released together, one per
   micro-batch, once a queue holds as many pieces as there are micro-batches: long documents then
   share a step with documents of similar length instead of stalling it alone. With ``refine`` a
-  bounded local search (moves and swaps between micro-batches, trading short pieces with the
-  carry-over) then drives the step's imbalance towards 1.
+  bounded local search (moves and swaps between micro-batches, short pieces held back from the
+  most loaded ones or put in from the carry-over) then drives the step's imbalance towards 1.
 
 Every piece a stream emits is trained exactly once: packers hold back pieces (the cut remainder,
 planned windows, queues, carry-over) only in their state, which ``state_dict`` saves with the
@@ -511,8 +511,11 @@ def refine_plan(bins: list[list[Item]], left: list[Item], capacity: int, cost_mo
     Moves, all within ``capacity`` tokens per micro-batch:
       - move a piece from the most loaded micro-batch to another, or swap it with a smaller one;
       - put a left-over piece into a micro-batch (raises the mean, clears the carry-over);
-      - hold back a piece of the most loaded micro-batch (lowers the max more than the mean),
-        only pieces ``may_hold`` accepts and while the carry-over stays within ``max_carry``.
+      - hold back a piece of the most loaded micro-batch (lowers the max more than the mean), or
+        one piece from each of several near-tied most loaded ones at once; only pieces
+        ``may_hold`` accepts, and while the carry-over stays within ``max_carry`` tokens.
+    Micro-batches at their token limit cannot take more work, so holding back short pieces from
+    the heavy ones (they wait one step) is often the only way down to balance.
     """
     state = [_Bin(b, cost_model) for b in bins]
     left = list(left)
@@ -527,7 +530,8 @@ def refine_plan(bins: list[list[Item]], left: list[Item], capacity: int, cost_mo
             break
         candidates = [_best_pair_move(state, costs, capacity),
                       _best_insert(state, costs, left, capacity, cost_model),
-                      _best_hold(state, costs, left, max_carry, may_hold)]
+                      _best_hold(state, costs, left, max_carry, may_hold),
+                      _best_shave(state, costs, left, max_carry, may_hold)]
         best = min((c for c in candidates if c is not None), key=lambda c: c[0], default=None)
         if best is None or best[0] >= current * (1 - 1e-9):
             break
@@ -651,6 +655,44 @@ def _best_hold(state, costs, left, max_carry, may_hold):
     score = np.where(ok, score, np.inf)
     p = int(np.argmin(score))
     return float(score[p]), _apply_hold(h, p)
+
+
+def _best_shave(state, costs, left, max_carry, may_hold):
+    """Hold back one piece from each of the k most loaded micro-batches at once (2 ≤ k < n).
+
+    When several micro-batches tie near the top, holding from one alone leaves the max where it
+    was and lowers the mean, so no single move helps; lowering them together to the next one's
+    level does. Each gives the piece that brings it closest to that level."""
+    room = max_carry - _tokens(left)
+    n = len(state)
+    if room <= 0 or n < 3:
+        return None
+    order = np.argsort(-costs, kind="stable")
+    best = None
+    for k in range(2, n):
+        level = costs[order[k]]
+        picks, new = [], costs.copy()
+        for b in map(int, order[:k]):
+            src = state[b]
+            ok = np.array([may_hold(it) for it in src.items], dtype=bool) & (src.lengths <= room)
+            if not ok.any():
+                break
+            p = int(np.argmin(np.where(ok, np.abs(src.cost - src.costs - level), np.inf)))
+            picks.append((b, p))
+            new[b] -= src.costs[p]
+        if len(picks) < k or sum(int(state[b].lengths[p]) for b, p in picks) > room:
+            continue
+        score = new.max() * n / max(new.sum(), _EPS)
+        if best is None or score < best[0]:
+            best = (float(score), _apply_shave(picks))
+    return best
+
+
+def _apply_shave(picks):
+    def apply(state, left):
+        for b, p in picks:
+            _apply_hold(b, p)(state, left)
+    return apply
 
 
 def _apply_hold(h, p):
