@@ -20,8 +20,13 @@ import sys
 import time
 from pathlib import Path
 
+import warnings
+
 import numpy as np
 import torch
+
+# create_block_mask(_compile=True) warns on newer torch; it is the form every supported torch has.
+warnings.filterwarnings("ignore", message="_compile flag on create_block_mask")
 
 HERE = Path(__file__).resolve().parent
 LAYOUTS = HERE / "bench_attention_layouts.json"
@@ -353,6 +358,8 @@ def main():
     sizes = [int(s) for s in args.sizes.split(",")]
     sources = args.sources.split(",")
     layouts = [lay for lay in layouts if lay["tokens"] in sizes and lay["source"] in sources]
+    # The target sizes first, so that a run cut short still has them.
+    layouts.sort(key=lambda lay: (lay["tokens"] == min(sizes), lay["tokens"]))
 
     if args.sweep:
         attention = sys.modules[kernels.varlen_attention.__module__]
@@ -386,13 +393,19 @@ def main():
             torch.cuda.empty_cache()
             rows.append(row)
             log(json.dumps(row))
+            write_report(out_dir, rows)
         del qkv
         torch.cuda.empty_cache()
+    print(write_report(out_dir, rows))
+
+
+def write_report(out_dir, rows):
+    """The table so far; rewritten after every row so that a run cut short keeps its results."""
     table = markdown(rows) + "\n\n" + speedups(rows)
     if out_dir:
         (out_dir / "bench_attention.md").write_text(table + "\n")
         (out_dir / "bench_attention.json").write_text(json.dumps(rows, indent=1) + "\n")
-    print(table)
+    return table
 
 
 if __name__ == "__main__":
