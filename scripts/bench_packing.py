@@ -7,8 +7,8 @@ For each document-length file (seeded shuffle, streamed as the loader does, docu
 than a micro-batch split) and each layout (7B-128K: 4 micro-batches per global batch, TP8 CP2
 PP4; 550M-64K: 8 micro-batches, TP2 CP2 PP4 DP2), it plans ``--steps`` global batches with every
 packer and prints one markdown table per file: imbalance of the estimated micro-batch cost
-(mean / p90 / max of max÷mean per step), planning time per global batch (median, and mean: the
-fixed packer plans a whole window at once), token delay in steps (token-weighted mean, max),
+(mean / p90 / max of max÷mean per step), planning time per global batch (median / mean / p99:
+the fixed packer plans a whole window at once), token delay in steps (token-weighted mean, max),
 tokens per step relative to n × context, and the estimated speedup over plain packing
 (Σ over steps of the busiest micro-batch, per token). Costs come from the FLOP-count cost model.
 """
@@ -91,7 +91,7 @@ def by_step_kind(run, thresholds) -> str:
 
 
 def table(name, lengths, steps, seed) -> str:
-    rows = ["| layout | packing | imbalance mean | p90 | max | pack ms median (mean) | "
+    rows = ["| layout | packing | imbalance mean | p90 | max | pack ms median / mean / p99 | "
             "token delay mean | max | tokens/step | est. speedup vs plain |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     notes = []
@@ -105,8 +105,8 @@ def table(name, lengths, steps, seed) -> str:
                 notes.append(f"- {lname}, {label}: {by_step_kind(result, [ctx // 4, ctx // 2])}")
             base = base or s["s_per_mtoken"]
             rows.append(f"| {lname} | {label} | {s['imbalance_mean']:.3f} | {s['imbalance_p90']:.3f} "
-                        f"| {s['imbalance_max']:.2f} | {s['pack_ms_median']:.2f} "
-                        f"({s['pack_ms_mean']:.2f}) | {s['token_delay_mean']:.2f} "
+                        f"| {s['imbalance_max']:.2f} | {s['pack_ms_median']:.1f} / "
+                        f"{s['pack_ms_mean']:.1f} / {s['pack_ms_p99']:.1f} | {s['token_delay_mean']:.2f} "
                         f"| {s['token_delay_max']} | {s['fill'] * 100:.1f}% "
                         f"| {base / s['s_per_mtoken']:.3f}× |")
             print(f"  {name} {lname} {label}: done", file=sys.stderr, flush=True)

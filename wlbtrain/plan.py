@@ -92,6 +92,7 @@ def summarize(steps: list[StepResult], n_micro_batches: int, context: int) -> di
         "imbalance_max": round(float(imb.max()), 4),
         "pack_ms_median": round(float(np.median(ms)), 3),
         "pack_ms_mean": round(float(ms.mean()), 3),
+        "pack_ms_p99": round(float(np.percentile(ms, 99)), 3),
         "token_delay_mean": round(float(np.average(delays, weights=weights)), 3) if tokens else 0.0,
         "token_delay_max": int(delays.max()) if delays.size else 0,
         "steps": len(steps),

@@ -42,13 +42,18 @@ Item = tuple[int, int, int, int]
 PACKINGS = ("plain", "fixed", "wlb")
 # wlb outlier thresholds as fractions of max_tokens; see default_outlier_thresholds.
 DEFAULT_THRESHOLD_FRACTIONS = (0.25, 0.5)
-DEFAULT_REFINE_MOVES = 256
+DEFAULT_REFINE_MOVES = 64
 # Refine stops once a step is this close to perfect balance: the rest is below the cost model's
 # own accuracy, and every move costs planning time.
 REFINE_GOOD_ENOUGH = 1.002
 # Pair moves of the most loaded micro-batch are tried with this many of the least loaded only:
 # they are where its excess can go, and it bounds the time per move at 8 micro-batches.
 REFINE_PARTNERS = 3
+# A move must lower the imbalance by at least this fraction: in a step an outlier group leaves
+# unbalanced, the search would otherwise crawl through hundreds of negligible moves.
+REFINE_MIN_GAIN = 1e-4
+# Micro-batches within this fraction of the heaviest count as tied with it (see _best_shave).
+REFINE_TIE = 0.02
 _EPS = 1e-12
 
 
@@ -485,21 +490,37 @@ def greedy_pack(pool: list[Item], n: int, capacity: int, cost_model: CostModel,
 # --------------------------------------------------------------------------------------- refine
 
 class _Bin:
-    """A micro-batch under local search: its items sorted by length, with lengths and costs."""
+    """A micro-batch under local search: its items sorted by length, with their lengths, costs
+    and whether each may be held back, as arrays kept in step with the items."""
 
-    def __init__(self, items: list[Item], cost_model: CostModel):
+    def __init__(self, items: list[Item], cost_model: CostModel, may_hold):
         self.cost_model = cost_model
-        self.set(items)
-
-    def set(self, items: list[Item]) -> None:
+        self.may_hold = may_hold
         self.items = sorted(items, key=lambda it: it[2])
         self.lengths = np.array([it[2] for it in self.items], dtype=np.int64)
-        self.costs = self.cost_model.piece_costs(self.lengths)
+        self.costs = cost_model.piece_costs(self.lengths)
+        self.holdable = np.array([may_hold(it) for it in self.items], dtype=bool)
+        self._update_totals()
+
+    def _update_totals(self) -> None:
         self.cost = float(self.costs.sum())
         self.tokens = int(self.lengths.sum())
 
-    def without(self, k: int) -> list[Item]:
-        return self.items[:k] + self.items[k + 1:]
+    def remove(self, k: int) -> Item:
+        item = self.items.pop(k)
+        self.lengths = np.delete(self.lengths, k)
+        self.costs = np.delete(self.costs, k)
+        self.holdable = np.delete(self.holdable, k)
+        self._update_totals()
+        return item
+
+    def add(self, item: Item) -> None:
+        k = int(np.searchsorted(self.lengths, item[2], side="right"))
+        self.items.insert(k, item)
+        self.lengths = np.insert(self.lengths, k, item[2])
+        self.costs = np.insert(self.costs, k, self.cost_model.piece_cost(item[2]))
+        self.holdable = np.insert(self.holdable, k, self.may_hold(item))
+        self._update_totals()
 
 
 def refine_plan(bins: list[list[Item]], left: list[Item], capacity: int, cost_model: CostModel,
@@ -517,7 +538,7 @@ def refine_plan(bins: list[list[Item]], left: list[Item], capacity: int, cost_mo
     Micro-batches at their token limit cannot take more work, so holding back short pieces from
     the heavy ones (they wait one step) is often the only way down to balance.
     """
-    state = [_Bin(b, cost_model) for b in bins]
+    state = [_Bin(b, cost_model, may_hold) for b in bins]
     left = list(left)
     n = len(state)
     for _ in range(max_moves):
@@ -530,10 +551,10 @@ def refine_plan(bins: list[list[Item]], left: list[Item], capacity: int, cost_mo
             break
         candidates = [_best_pair_move(state, costs, capacity),
                       _best_insert(state, costs, left, capacity, cost_model),
-                      _best_hold(state, costs, left, max_carry, may_hold),
-                      _best_shave(state, costs, left, max_carry, may_hold)]
+                      _best_hold(state, costs, left, max_carry),
+                      _best_shave(state, costs, left, max_carry)]
         best = min((c for c in candidates if c is not None), key=lambda c: c[0], default=None)
-        if best is None or best[0] >= current * (1 - 1e-9):
+        if best is None or best[0] >= current * (1 - REFINE_MIN_GAIN):
             break
         best[1](state, left)
     return [b.items for b in state], left
@@ -602,14 +623,10 @@ def _best_transfer(src: _Bin, dst: _Bin, room: int):
 
 def _apply_transfer(h, b, p, q):
     def apply(state, left):
-        src, dst = state[h], state[b]
-        moving = src.items[p]
-        src_items, dst_items = src.without(p), list(dst.items)
+        moving = state[h].remove(p)
         if q is not None:
-            src_items.append(dst.items[q])
-            dst_items = dst.without(q)
-        src.set(src_items)
-        dst.set(dst_items + [moving])
+            state[h].add(state[b].remove(q))
+        state[b].add(moving)
     return apply
 
 
@@ -620,11 +637,12 @@ def _best_insert(state, costs, left, capacity, cost_model):
     n, total, peak = len(state), costs.sum(), costs.max()
     lengths = np.array([it[2] for it in left], dtype=np.int64)
     extra = cost_model.piece_costs(lengths)
+    shortest = int(lengths.min())
     best = None
     for b, bin_ in enumerate(state):
-        ok = lengths <= capacity - bin_.tokens
-        if not ok.any():
+        if capacity - bin_.tokens < shortest:
             continue
+        ok = lengths <= capacity - bin_.tokens
         score = np.maximum(peak, bin_.cost + extra) * n / (total + extra)
         score = np.where(ok, score, np.inf)
         k = int(np.argmin(score))
@@ -635,11 +653,11 @@ def _best_insert(state, costs, left, capacity, cost_model):
 
 def _apply_insert(b, k):
     def apply(state, left):
-        state[b].set(state[b].items + [left.pop(k)])
+        state[b].add(left.pop(k))
     return apply
 
 
-def _best_hold(state, costs, left, max_carry, may_hold):
+def _best_hold(state, costs, left, max_carry):
     """Best piece of the most loaded micro-batch to carry over to the next step."""
     room = max_carry - _tokens(left)
     h = int(np.argmax(costs))
@@ -648,7 +666,7 @@ def _best_hold(state, costs, left, max_carry, may_hold):
         return None
     n, total = len(state), costs.sum()
     rest = _rest_max(costs, {h})
-    ok = np.array([may_hold(it) for it in src.items]) & (src.lengths <= room)
+    ok = src.holdable & (src.lengths <= room)
     if not ok.any():
         return None
     score = np.maximum(src.cost - src.costs, rest) * n / np.maximum(total - src.costs, _EPS)
@@ -657,7 +675,7 @@ def _best_hold(state, costs, left, max_carry, may_hold):
     return float(score[p]), _apply_hold(h, p)
 
 
-def _best_shave(state, costs, left, max_carry, may_hold):
+def _best_shave(state, costs, left, max_carry):
     """Hold back one piece from each of the k most loaded micro-batches at once (2 ≤ k < n).
 
     When several micro-batches tie near the top, holding from one alone leaves the max where it
@@ -668,13 +686,16 @@ def _best_shave(state, costs, left, max_carry, may_hold):
     if room <= 0 or n < 3:
         return None
     order = np.argsort(-costs, kind="stable")
+    tied = int((costs >= costs.max() * (1 - REFINE_TIE)).sum())
+    if tied < 2:
+        return None  # a single hold from the heaviest does it
     best = None
-    for k in range(2, n):
+    for k in range(2, min(tied + 1, n - 1) + 1):
         level = costs[order[k]]
         picks, new = [], costs.copy()
         for b in map(int, order[:k]):
             src = state[b]
-            ok = np.array([may_hold(it) for it in src.items], dtype=bool) & (src.lengths <= room)
+            ok = src.holdable & (src.lengths <= room)
             if not ok.any():
                 break
             p = int(np.argmin(np.where(ok, np.abs(src.cost - src.costs - level), np.inf)))
@@ -697,8 +718,7 @@ def _apply_shave(picks):
 
 def _apply_hold(h, p):
     def apply(state, left):
-        left.append(state[h].items[p])
-        state[h].set(state[h].without(p))
+        left.append(state[h].remove(p))
     return apply
 
 
