@@ -154,6 +154,22 @@ def test_refine_never_raises_a_step_imbalance():
         assert all(sum(p[2] for p in b) <= CONTEXT for b in refined)
 
 
+def test_refine_lowers_near_tied_heavy_micro_batches_together():
+    # two micro-batches tie at the top, all four are full: holding back from one alone cannot
+    # lower the step time, holding back from both can
+    heavy = [(0, 0, 600, 0)] + [(1, 10 * i, 10, 0) for i in range(40)]
+    light = [(2, 10 * i, 10, 0) for i in range(100)]
+    bins = [heavy, [(9, 0, 600, 0)] + [(3, 10 * i, 10, 0) for i in range(40)], light,
+            [(4, 10 * i, 10, 0) for i in range(100)]]
+    cost = CostModel(attn_coef=1e-6, linear_coef=1e-3)
+    before = imbalance([cost.micro_batch_cost(p[2] for p in b) for b in bins])
+    refined, held = refine_plan(bins, [], 1000, cost, max_carry=400)
+    after = imbalance([cost.micro_batch_cost(p[2] for p in b) for b in refined])
+    assert after < before - 0.05
+    assert {p[0] for p in held} >= {1, 3}  # both heavy micro-batches gave pieces
+    assert sum(p[2] for p in held) <= 400
+
+
 def test_outliers_wait_and_leave_in_groups_one_per_micro_batch():
     # ten outliers of 3000 tokens (queue [2048, ∞)) among short documents
     lengths = np.array([3000] * 10 + [100] * 800)

@@ -721,7 +721,3 @@ def _apply_hold(h, p):
         left.append(state[h].remove(p))
     return apply
 
-
-def plan_imbalance(plan: list[list[Piece]], cost_model: CostModel) -> float:
-    """Imbalance of one planned global batch (pieces as (doc, start, length))."""
-    return imbalance([cost_model.micro_batch_cost(p[2] for p in mb) for mb in plan])
