@@ -238,6 +238,26 @@ def measure(name, method, layout, qkv, ref_rows, ref_out, budget_ms):
 # Tile sweep (Hopper)
 # ------------------------------------------------------------------------------------------------
 
+# Candidate tiles (block_m, block_n, num_warps, num_stages) for --sweep. Tiles that spill
+# registers or overflow shared memory are reported and skipped.
+FORWARD_CANDIDATES = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3)]
+DKDV_CANDIDATES = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2), (128, 128, 8, 2)]
+DQ_CANDIDATES = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3)]
+ATOMIC_DQ_CANDIDATES = [(32, 128, 8, 2)]
+
+
+def log_kernel_times(fn, log):
+    """CUDA time per kernel of one call, to see which part of the backward dominates."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    for event in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:6]:
+        log(f"kernel {event.key[:60]}: {event.device_time_total / 3e3:.3f} ms per call")
+
+
 def sweep(kernels, layout, log):
     """Time candidate tiles on one layout; returns the fastest forward and backward configs."""
     attention = sys.modules[kernels.varlen_attention.__module__]
@@ -258,9 +278,7 @@ def sweep(kernels, layout, log):
         except Exception as exc:  # a tile that does not fit is skipped, not fatal
             log(f"sweep {kind} {config}: failed {type(exc).__name__}: {str(exc)[:200]}")
 
-    forwards = [K(128, 64, 8, 3), K(128, 64, 8, 4), K(128, 128, 8, 2), K(128, 128, 8, 3),
-                K(64, 64, 4, 3), K(64, 128, 4, 3)]
-    for cfg in forwards:
+    for cfg in map(K._make, FORWARD_CANDIDATES):
         time_config("forward", cfg, lambda cfg=cfg: attention._forward(
             q, k, v, cu, cu, True, scale, q.dtype, cfg))
     best_fwd = min(results["forward"])[1]
@@ -270,16 +288,15 @@ def sweep(kernels, layout, log):
     def backward(cfg):
         return lambda: attention._backward(dout, q, k, v, out, lse, cu, cu, True, scale, None,
                                            q.dtype, cfg)
-    dq_default = K(128, 64, 8, 2)
-    dkdvs = [K(32, 128, 8, 2), K(32, 128, 8, 3), K(16, 128, 8, 3), K(64, 128, 8, 2),
-             K(32, 64, 4, 2), K(64, 64, 8, 2)]
-    for cfg in dkdvs:
-        time_config("backward", B(cfg, dq_default), backward(B(cfg, dq_default)))
+    shipped = attention.backward_config(q)
+    for cfg in map(K._make, DKDV_CANDIDATES):
+        time_config("backward", B(cfg, shipped.dq), backward(B(cfg, shipped.dq)))
     best_dkdv = min(results["backward"])[1].dkdv
-    for cfg in [K(128, 64, 8, 3), K(128, 32, 8, 2), K(64, 64, 4, 3), K(128, 128, 8, 2)]:
+    for cfg in map(K._make, DQ_CANDIDATES):
         time_config("backward", B(best_dkdv, cfg), backward(B(best_dkdv, cfg)))
-    for cfg in [K(16, 128, 8, 2), K(32, 128, 8, 2)]:
-        time_config("backward", B(cfg, dq_default, True), backward(B(cfg, dq_default, True)))
+    for cfg in map(K._make, ATOMIC_DQ_CANDIDATES):
+        time_config("backward", B(cfg, shipped.dq, True), backward(B(cfg, shipped.dq, True)))
+    log_kernel_times(backward(shipped), log)
     best_bwd = min(results["backward"])[1]
     log(f"sweep best forward {best_fwd} backward {best_bwd}")
     return best_fwd, best_bwd
