@@ -5,6 +5,7 @@ Layouts are data: adding one to the matrix is one line of LAYOUTS.
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -23,6 +24,12 @@ LAYOUTS = [
 ]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run(out_dir, cache, overrides, nproc):
     args = [*TINY, f"train.out_dir={out_dir}", f"data.cache_dir={cache}", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -30,7 +37,7 @@ def run(out_dir, cache, overrides, nproc):
         cmd = [sys.executable, "-m", "wlbtrain.cli", "train", "recipes/debug.yaml", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               "--master-port=0", "-m", "wlbtrain.cli", "train", "recipes/debug.yaml", *args]
+               f"--master-port={free_port()}", "-m", "wlbtrain.cli", "train", "recipes/debug.yaml", *args]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
