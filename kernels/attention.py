@@ -205,9 +205,9 @@ def _load_row_stats(LSE_h, DELTA_h, rows, row_ok):
 def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE_h, DELTA_h, start, full, offs_m,
                 cols, lq, diag, qk_scale, sm_scale, stride_qt, stride_dot, stride_dqt,
                 BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                PRECISION: tl.constexpr):
-    """Accumulate dK, dV of one key block over the query blocks [start, lq) of one head; the
-    blocks before full need the causal mask. One loop with a uniform branch, not two loops:
+                WITH_DK: tl.constexpr, WITH_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dK and/or dV of one key block over the query blocks [start, lq) of one head;
+    the blocks before full need the causal mask. One loop with a uniform branch, not two loops:
     two pipelined loops hold more registers than the dK/dV accumulators leave free."""
     for row0 in range(start, lq, BLOCK_M):
         rows = row0 + offs_m
@@ -220,13 +220,16 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE_h, DELTA_h, start, f
             if row0 < full:
                 p_t = tl.where(cols[:, None] <= rows[None, :] + diag, p_t, 0.0)
         do = tl.load(do_ptrs + row0 * stride_dot, mask=row_ok[:, None], other=0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-        dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
-        if ATOMIC_DQ:
-            dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION) * sm_scale
-            tl.atomic_add(dq_ptrs + row0 * stride_dqt, dq, mask=row_ok[:, None], sem="relaxed")
+        if WITH_DV:
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+        if WITH_DK:
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+            dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
+            if ATOMIC_DQ:
+                dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION) * sm_scale
+                tl.atomic_add(dq_ptrs + row0 * stride_dqt, dq, mask=row_ok[:, None],
+                              sem="relaxed")
     return dk, dv
 
 
@@ -239,9 +242,11 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K, TABLE
                           NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                          WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
                           PRECISION: tl.constexpr):
     """One program: BLOCK_N keys of one segment, one KV head, summed over its query heads.
-    With ATOMIC_DQ it also adds dQ (fp32, already scaled) into DQ."""
+    WITH_DK / WITH_DV select the outputs: one accumulator instead of two frees the registers
+    that larger tiles need. With ATOMIC_DQ it also adds dQ (fp32, already scaled) into DQ."""
     pid = tl.program_id(0)
     slot = pid // NUM_KV_HEADS
     kv_head = pid % NUM_KV_HEADS
@@ -274,11 +279,14 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K, TABLE
         delta_h = DELTA + head * stride_delta_h + q_start
         dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, lse_h, delta_h, start, full,
                              offs_m, cols, lq, diag, qk_scale, sm_scale, stride_qt, stride_dot,
-                             stride_dqt, BLOCK_M, CAUSAL, ATOMIC_DQ, PRECISION)
+                             stride_dqt, BLOCK_M, CAUSAL, ATOMIC_DQ, WITH_DK, WITH_DV,
+                             PRECISION)
     dk_ptrs = DK + (k_start + cols)[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :]
     dv_ptrs = DV + (k_start + cols)[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :]
-    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+    if WITH_DK:
+        tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+    if WITH_DV:
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
 @_jit
@@ -380,10 +388,12 @@ class KernelConfig(NamedTuple):
 
 class BackwardConfig(NamedTuple):
     """dK/dV kernel (iterates query blocks per key block) and dQ kernel configurations.
-    With atomic_dq the dK/dV kernel also accumulates dQ and the dQ kernel is not run."""
+    With atomic_dq the dK/dV kernel also accumulates dQ and the dQ kernel is not run; with
+    split_dkdv dV and dK come from two launches of the dK/dV kernel, one accumulator each."""
     dkdv: KernelConfig
     dq: KernelConfig
     atomic_dq: bool = False
+    split_dkdv: bool = False
 
 
 # Interpreter tiles are small so that CPU tests cover several blocks per segment quickly.
@@ -534,12 +544,16 @@ def _backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale, dlse, grad_dty
 
     slots = triton.cdiv(total_k, cfg.dkdv.block_n) + num_segments
     table = _block_table(cu_k, cu_q, cfg.dkdv.block_n, slots, causal, False)
-    _attn_bwd_dkdv_kernel[(slots * num_kv_heads,)](
-        q, k, v, dout, lse, delta, dk, dv, dq, cu_q, cu_k, table, slots, *common,
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq.stride(0), dq.stride(1),
-        NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=cfg.dkdv.block_m,
-        BLOCK_N=cfg.dkdv.block_n, CAUSAL=causal, ATOMIC_DQ=cfg.atomic_dq, PRECISION=precision,
-        num_warps=cfg.dkdv.num_warps, num_stages=cfg.dkdv.num_stages)
+    parts = ((False, True), (True, False)) if cfg.split_dkdv else ((True, True),)
+    for with_dk, with_dv in parts:
+        _attn_bwd_dkdv_kernel[(slots * num_kv_heads,)](
+            q, k, v, dout, lse, delta, dk, dv, dq, cu_q, cu_k, table, slots, *common,
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq.stride(0), dq.stride(1),
+            NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim,
+            BLOCK_M=cfg.dkdv.block_m, BLOCK_N=cfg.dkdv.block_n, CAUSAL=causal,
+            ATOMIC_DQ=cfg.atomic_dq and with_dk, WITH_DK=with_dk, WITH_DV=with_dv,
+            PRECISION=precision, num_warps=cfg.dkdv.num_warps,
+            num_stages=cfg.dkdv.num_stages)
     if cfg.atomic_dq:
         return dq.to(grad_dtype), dk, dv
 

@@ -244,6 +244,7 @@ FORWARD_CANDIDATES = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 3), (64, 6
 DKDV_CANDIDATES = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2), (128, 128, 8, 2)]
 DQ_CANDIDATES = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3)]
 ATOMIC_DQ_CANDIDATES = [(32, 128, 8, 2)]
+SPLIT_DKDV_CANDIDATES = [(64, 128, 8, 2), (64, 128, 8, 3), (128, 128, 8, 2)]
 
 
 def log_kernel_times(fn, log):
@@ -296,8 +297,11 @@ def sweep(kernels, layout, log):
         time_config("backward", B(best_dkdv, cfg), backward(B(best_dkdv, cfg)))
     for cfg in map(K._make, ATOMIC_DQ_CANDIDATES):
         time_config("backward", B(cfg, shipped.dq, True), backward(B(cfg, shipped.dq, True)))
-    log_kernel_times(backward(shipped), log)
+    for cfg in map(K._make, SPLIT_DKDV_CANDIDATES):
+        time_config("backward", B(cfg, shipped.dq, split_dkdv=True),
+                    backward(B(cfg, shipped.dq, split_dkdv=True)))
     best_bwd = min(results["backward"])[1]
+    log_kernel_times(backward(best_bwd), log)
     log(f"sweep best forward {best_fwd} backward {best_bwd}")
     return best_fwd, best_bwd
 

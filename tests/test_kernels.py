@@ -112,11 +112,13 @@ def test_forward_lse_and_gradients_match_reference(causal, kind, num_kv_heads):
                                                 KernelConfig(32, 16, 1, 1))),
     (KernelConfig(16, 32, 1, 1), BackwardConfig(KernelConfig(32, 16, 1, 1),
                                                 KernelConfig(16, 32, 1, 1), atomic_dq=True)),
-], ids=["tall", "wide-atomic-dq"])
+    (KernelConfig(16, 16, 1, 1), BackwardConfig(KernelConfig(16, 32, 1, 1),
+                                                KernelConfig(16, 16, 1, 1), split_dkdv=True)),
+], ids=["tall", "wide-atomic-dq", "split-dkdv"])
 @pytest.mark.parametrize("causal", [True, False])
 def test_other_tile_shapes(monkeypatch, config, causal):
     """Block ranges and diagonal masks must hold when BLOCK_M != BLOCK_N, and the atomic-dQ
-    backward must agree with the separate dQ kernel."""
+    and split dK/dV backward variants must agree with the reference too."""
     forward, backward = config
     monkeypatch.setattr(attention, "forward_config", lambda q: forward)
     monkeypatch.setattr(attention, "backward_config", lambda q: backward)
