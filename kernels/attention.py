@@ -51,6 +51,30 @@ def _jit(fn):
 # Kernels
 # --------------------------------------------------------------------------------------------
 
+# Reductions go through tl.reduce with combine functions of this module, and zeros through
+# tl.full: triton's own helpers (tl.max, tl.sum, tl.zeros) are decorated when triton is first
+# imported, so in a process that imported it before choosing the interpreter they could not be
+# interpreted.
+@_jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@_jit
+def _add_combine(a, b):
+    return a + b
+
+
+@_jit
+def _row_max(x):
+    return tl.reduce(x, 1, _max_combine)
+
+
+@_jit
+def _row_sum(x):
+    return tl.reduce(x, 1, _add_combine)
+
+
 @_jit
 def _segment(CU, seg):
     """Start (int64, so that token * stride cannot overflow) and length of segment seg."""
@@ -107,7 +131,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, start, end, rows, offs_n, lk, d
             if CAUSAL:
                 visible = visible & (cols[None, :] <= rows[:, None] + diag)
             qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_new = tl.maximum(m_i, _row_max(qk) * qk_scale)
         if MASKED:
             # A row with no visible key so far keeps m = -inf; shift it by 0 to avoid inf - inf.
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -115,7 +139,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, start, end, rows, offs_n, lk, d
             shift = m_new
         p = tl.exp2(qk * qk_scale - shift[:, None])
         alpha = tl.exp2(m_i - shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + _row_sum(p)
         if MASKED:
             v = tl.load(v_ptrs + col0 * stride_vt, mask=col_ok[:, None], other=0.0)
         else:
@@ -154,8 +178,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TABLE, num_slots, qk_scale,
     v_ptrs = V + (k_start + offs_n)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :]
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+    acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
     full, end = _key_range(row0, lk, diag, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, full, rows, offs_n, lk, diag,
                                qk_scale, stride_kt, stride_vt, BLOCK_N, False, CAUSAL, PRECISION)
@@ -186,7 +210,7 @@ def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, total_q, stride_ot, stride_oh, st
                 mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + rows64[:, None] * stride_dot + head * stride_doh + offs_d[None, :],
                  mask=row_ok[:, None], other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    delta = _row_sum(o.to(tl.float32) * do.to(tl.float32))
     if HAS_DLSE:
         delta -= tl.load(DLSE + head * stride_dlse_h + rows, mask=row_ok, other=0.0)
     tl.store(DELTA + head * stride_delta_h + rows, delta, mask=row_ok)
@@ -265,8 +289,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K, TABLE
                 mask=col_ok[:, None], other=0.0)
     v = tl.load(V + (k_start + cols)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
                 mask=col_ok[:, None], other=0.0)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dk = tl.full([BLOCK_N, HEAD_DIM], 0.0, tl.float32)
+    dv = tl.full([BLOCK_N, HEAD_DIM], 0.0, tl.float32)
     start, full = _query_range(col0, lq, diag, BLOCK_M, BLOCK_N, CAUSAL)
     for g in range(GROUP):
         head = kv_head * GROUP + g
@@ -347,7 +371,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, TABLE, num_slot
     kv_head = head // GROUP
     k_ptrs = K + (k_start + offs_n)[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :]
     v_ptrs = V + (k_start + offs_n)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :]
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dq = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
     full, end = _key_range(row0, lk, diag, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, 0, full, rows, offs_n, lk, diag,
                    qk_scale, stride_kt, stride_vt, BLOCK_N, False, CAUSAL, PRECISION)
@@ -365,11 +389,11 @@ def _fill_outside_kernel(X, CU, num_segments, total_rows, width, stride_r, strid
     first = tl.load(CU)
     last = tl.load(CU + num_segments)
     outside = ((rows < first) | (rows >= last)) & (rows < total_rows)
-    if tl.max(outside.to(tl.int32), 0) > 0:
+    if tl.reduce(outside.to(tl.int32), 0, _max_combine) > 0:
         rows64 = rows.to(tl.int64)
         for c0 in range(0, width, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
-            fill = tl.zeros([BLOCK_R, BLOCK_C], tl.float32) + value
+            fill = tl.full([BLOCK_R, BLOCK_C], 0.0, tl.float32) + value
             tl.store(X + rows64[:, None] * stride_r + cols[None, :] * stride_c,
                      fill.to(X.dtype.element_ty), mask=outside[:, None] & (cols < width)[None, :])
 
@@ -401,7 +425,8 @@ _INTERPRETER_FORWARD = KernelConfig(16, 16, 1, 1)
 _INTERPRETER_BACKWARD = BackwardConfig(KernelConfig(16, 16, 1, 1), KernelConfig(16, 16, 1, 1))
 # Hopper, 16-bit inputs, head dim <= 128: the fastest of the candidates that
 # scripts/bench_attention.py --sweep timed on an H100 (64K tokens, Hq 32, Hkv 8, D 128).
-# Separate dK/dV and dQ kernels beat accumulating dQ with atomics there (294 vs 217 TFLOP/s).
+# Separate dK/dV and dQ kernels beat accumulating dQ with atomics there (296 vs 217 TFLOP/s
+# for the backward) and splitting dK/dV into one-accumulator launches (222).
 _HOPPER_FORWARD = KernelConfig(128, 64, 8, 3)
 _HOPPER_BACKWARD = BackwardConfig(KernelConfig(64, 128, 8, 2), KernelConfig(128, 64, 8, 3))
 # Elsewhere (other GPUs, fp32 operands, head dim 256): tiles that fit any recent GPU.
