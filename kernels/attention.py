@@ -51,10 +51,11 @@ def _jit(fn):
 # Kernels
 # --------------------------------------------------------------------------------------------
 
-# Reductions go through tl.reduce with combine functions of this module, and zeros through
-# tl.full: triton's own helpers (tl.max, tl.sum, tl.zeros) are decorated when triton is first
-# imported, so in a process that imported it before choosing the interpreter they could not be
-# interpreted.
+# Reductions call tl.reduce and zeros tl.full instead of tl.max, tl.sum, tl.zeros: those helpers
+# are decorated when triton is first imported, so in a process that imported triton before the
+# interpreter was chosen they could not run interpreted. The combine functions are triton's own
+# where it has them, because the interpreter reduces those with numpy instead of element by
+# element.
 @_jit
 def _max_combine(a, b):
     return tl.maximum(a, b)
@@ -65,14 +66,18 @@ def _add_combine(a, b):
     return a + b
 
 
+_MAX = getattr(tl.standard, "_elementwise_max", _max_combine)
+_ADD = getattr(tl.standard, "_sum_combine", _add_combine)
+
+
 @_jit
 def _row_max(x):
-    return tl.reduce(x, 1, _max_combine)
+    return tl.reduce(x, 1, _MAX)
 
 
 @_jit
 def _row_sum(x):
-    return tl.reduce(x, 1, _add_combine)
+    return tl.reduce(x, 1, _ADD)
 
 
 @_jit
@@ -389,7 +394,7 @@ def _fill_outside_kernel(X, CU, num_segments, total_rows, width, stride_r, strid
     first = tl.load(CU)
     last = tl.load(CU + num_segments)
     outside = ((rows < first) | (rows >= last)) & (rows < total_rows)
-    if tl.reduce(outside.to(tl.int32), 0, _max_combine) > 0:
+    if tl.reduce(outside.to(tl.int32), 0, _MAX) > 0:
         rows64 = rows.to(tl.int64)
         for c0 in range(0, width, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
