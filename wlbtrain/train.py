@@ -191,7 +191,9 @@ class Trainer:
         # FSDP averages gradients over dp ranks; the loss is already a global mean, so undo it.
         scale = self.dims.dp / max(targets, 1)
         loss_sum = torch.zeros((), device=self.place.device)
-        for pieces in mine:
+        for i, pieces in enumerate(mine):
+            if self.dims.dp > 1:  # reduce-scatter gradients once, after the last micro-batch
+                self.model.set_requires_gradient_sync(i == len(mine) - 1)
             batch = build_micro_batch(self.store, pieces).to(self.place.device)
             with self._autocast():
                 logits = self.model(batch.tokens, batch.positions, batch.cu_seqlens,
