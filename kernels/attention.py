@@ -555,11 +555,11 @@ def _backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale, dlse, grad_dty
     total_k, num_kv_heads, _ = k.shape
     num_segments = cu_q.numel() - 1
     delta = _preprocess(out, dout, dlse, num_heads)
+    # Gradients are allocated contiguous whatever the inputs' strides (the fill views rows).
     dq_dtype = torch.float32 if cfg.atomic_dq else grad_dtype
-    dq = torch.zeros_like(q, dtype=dq_dtype) if cfg.atomic_dq else torch.empty_like(
-        q, dtype=dq_dtype)
-    dk = torch.empty_like(k, dtype=grad_dtype)
-    dv = torch.empty_like(v, dtype=grad_dtype)
+    dq = (torch.zeros if cfg.atomic_dq else torch.empty)(q.shape, dtype=dq_dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=grad_dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=grad_dtype, device=v.device)
     if not cfg.atomic_dq:
         _fill_outside(dq, cu_q, 0.0, rows_dim=0)
     _fill_outside(dk, cu_k, 0.0, rows_dim=0)

@@ -178,6 +178,17 @@ def test_strided_inputs():
     assert_close(got, want)
 
 
+def test_heads_first_storage():
+    """q, k, v stored [heads, tokens, D] and viewed [tokens, heads, D]: dense, not contiguous."""
+    gen = torch.Generator().manual_seed(12)
+    lq = [21, 9, 30]
+    q = torch.randn(4, sum(lq), 32, generator=gen).transpose(0, 1).requires_grad_()
+    k = torch.randn(2, sum(lq), 32, generator=gen).transpose(0, 1).requires_grad_()
+    v = torch.randn(2, sum(lq), 32, generator=gen).transpose(0, 1).requires_grad_()
+    cu = _cu(lq)
+    check_against_reference(q, k, v, cu, cu, True, seed=13)
+
+
 def split_keys(gen, cu_q, cu_k, causal):
     """Per segment a split point s: keys [0, s) form part A, [s, lk) part B. With a causal
     mask every query must see all of A, so s <= lk - lq; A is then attended without a mask
