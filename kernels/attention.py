@@ -638,6 +638,7 @@ def _check_inputs(q, k, v, cu_q, cu_k):
 def _check_offsets(q, k, max_seqlen_q, max_seqlen_k):
     """Offsets within a segment are 32-bit in the kernels' inner loops (64-bit at segment
     starts); max_seqlen bounds them."""
+    max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
     widest_q = max(q.stride(0), q.shape[1] * q.shape[2])
     widest_k = max(k.stride(0), k.shape[1] * k.shape[2])
     if max(max_seqlen_q * widest_q, max_seqlen_k * widest_k) >= _INT32_LIMIT:
