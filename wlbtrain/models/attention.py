@@ -25,11 +25,12 @@ def reference_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int) -> t
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
             continue
-        # [L, H, D] → [H, L, D]; SDPA broadcasts over the head dimension.
-        qs = q[start:end].transpose(0, 1)
-        ks = k[start:end].transpose(0, 1).repeat_interleave(groups, dim=0)
-        vs = v[start:end].transpose(0, 1).repeat_interleave(groups, dim=0)
-        out.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).transpose(0, 1))
+        # [L, H, D] → [1, H, L, D]: the 4-D layout the fused (flash) SDPA kernels take; 3-D
+        # inputs fall back to the math kernel, which stores every L×L score matrix.
+        qs = q[start:end].transpose(0, 1)[None]
+        ks = k[start:end].transpose(0, 1).repeat_interleave(groups, dim=0)[None]
+        vs = v[start:end].transpose(0, 1).repeat_interleave(groups, dim=0)[None]
+        out.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)[0].transpose(0, 1))
     return torch.cat(out) if out else torch.zeros_like(q)
 
 
