@@ -1,23 +1,30 @@
 """Train a recipe for a few steps and summarise its throughput from metrics.jsonl.
 
     python scripts/bench_train.py recipes/debug.yaml [section.key=value ...] [--warmup 5]
+    torchrun --nproc-per-node 2 scripts/bench_train.py recipes/gpu2.yaml \
+        --lengths ../shared/data/doclens/wlbllm_fig3.json --docs 4000
 
-Runs `wlbtrain train` in this process (single device) into a fresh out_dir, skips the first
-`--warmup` steps (compilation, caches) and prints one markdown row: median tokens/s, step time,
-MFU, memory, first and last loss.
+Runs `wlbtrain train` in this process (or in torchrun's process group) into a fresh out_dir,
+skips the first `--warmup` steps (compilation, caches) and prints one markdown row on rank 0:
+median tokens/s, step time, MFU, memory, first and last loss. With `--lengths`, the documents are
+`--docs` lengths drawn (seeded) from that file, filled with random tokens: a token store with a
+real length distribution, for throughput and balance (its loss means nothing).
 """
 
 import argparse
 import json
+import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from wlbtrain.config import load_config
+from wlbtrain.data.store import write_store
+from wlbtrain.plan import load_lengths
 from wlbtrain.train import train
 
 
@@ -32,20 +39,42 @@ def summarise(rows: list[dict], warmup: int) -> dict:
             "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"]}
 
 
+def synthetic_store(args, path: Path) -> Path:
+    """A store of ``args.docs`` random-token documents with lengths drawn from ``args.lengths``;
+    every rank draws the same, rank 0 writes it."""
+    rng = np.random.default_rng(0)
+    lengths = rng.choice(load_lengths(args.lengths), size=args.docs)
+    if int(os.environ.get("RANK", "0")) == 0:
+        docs = (rng.integers(0, 256, size=n, dtype=np.uint8) for n in lengths)
+        write_store(path, docs, vocab_size=256, tokenizer="random")
+    if "WORLD_SIZE" in os.environ:  # the others wait for it without a process group yet
+        while not (path / "header.json").exists():
+            time.sleep(0.5)
+    return path
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--json", help="also write the summary here")
+    parser.add_argument("--out-dir", default="runs/bench", help="run directory (replaced)")
+    parser.add_argument("--lengths", help="document lengths (JSON list, one a line, or .npy)")
+    parser.add_argument("--docs", type=int, default=4000, help="documents drawn from --lengths")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(args.recipe, [*args.overrides, f"train.out_dir={out}",
-                                        "checkpoint.resume=none", "checkpoint.every=0"])
-        start = time.perf_counter()
-        train(cfg)
-        wall = time.perf_counter() - start
-        rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    out = Path(args.out_dir)
+    overrides = [*args.overrides, f"train.out_dir={out}", "checkpoint.resume=none",
+                 "checkpoint.every=0"]
+    if args.lengths:
+        overrides.append(f"data.source={synthetic_store(args, out.with_name(out.name + '-store'))}")
+    cfg = load_config(args.recipe, overrides)
+    start = time.perf_counter()
+    train(cfg)
+    wall = time.perf_counter() - start
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     summary = {"recipe": args.recipe, "overrides": args.overrides, "wall_s": wall,
                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                **summarise(rows, args.warmup)}
