@@ -100,3 +100,24 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, cache_dir, mo
         train(tiny(tmp_path, cache_dir, "train.steps=3", "checkpoint.every=1"))
     assert ckpt.latest_checkpoint(tmp_path).name == "step-2"
     assert load_file(tmp_path / "checkpoints/step-2/model.safetensors")
+
+
+def test_sigterm_checkpoints_the_finished_step_and_stops(tmp_path, cache_dir):
+    """A preempted job (SIGTERM) loses nothing: it saves after the current step and exits 0."""
+    import signal
+    import subprocess
+    import sys
+
+    args = [*TINY, f"data.cache_dir={cache_dir}", f"train.out_dir={tmp_path}",
+            "train.steps=1000", "checkpoint.every=0"]
+    proc = subprocess.Popen([sys.executable, "-m", "wlbtrain.cli", "train", "recipes/debug.yaml",
+                             *args], stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.split()[:2] == ["step", "2/1000"]:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0
+    assert "checkpointing after this step" in rest
+    last = read_metrics(tmp_path)[-1]["step"]
+    assert ckpt.latest_checkpoint(tmp_path).name == f"step-{last}"
