@@ -3,11 +3,13 @@ resumed run continues exactly where an uninterrupted one goes."""
 
 import json
 
+import numpy as np
 import pytest
 from safetensors.torch import load_file
 
 from wlbtrain import checkpoint as ckpt
 from wlbtrain.config import load_config
+from wlbtrain.data.store import write_store
 from wlbtrain.train import Trainer, train
 
 TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
@@ -18,6 +20,17 @@ TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def long_tail_store(tmp_path_factory):
+    """Random tokens in documents of a heavy-tailed length mix: wlb's delay queues fill."""
+    rng = np.random.default_rng(0)
+    lengths = np.minimum(rng.pareto(1.0, size=400) * 60 + 8, 1500).astype(int)
+    path = tmp_path_factory.mktemp("long_tail") / "store"
+    write_store(path, [rng.integers(0, 256, size=n) for n in lengths], vocab_size=256,
+                tokenizer="test")
+    return str(path)
 
 
 def tiny(tmp_path, cache_dir, *extra):
@@ -56,8 +69,12 @@ def test_debug_recipe_learns_and_writes_its_files(tmp_path, cache_dir):
     assert "model.layers.1.self_attn.k_proj.weight" in weights and "lm_head.weight" in weights
 
 
-def test_resume_reproduces_an_uninterrupted_run(tmp_path, cache_dir, monkeypatch):
-    steps = ["train.steps=8", "checkpoint.every=4", "checkpoint.keep=3"]
+@pytest.mark.parametrize("packing", ["plain", "wlb"])
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, cache_dir, long_tail_store,
+                                                monkeypatch, packing):
+    steps = ["train.steps=8", "checkpoint.every=4", "checkpoint.keep=3", f"data.packing={packing}"]
+    if packing == "wlb":  # documents held in delay queues across the checkpoint
+        steps.append(f"data.source={long_tail_store}")
     plans_full = record_plans(monkeypatch)
     train(tiny(tmp_path / "full", cache_dir, *steps))
     full = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full")}
@@ -81,6 +98,10 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, cache_dir, monkeypatch
     train(tiny(tmp_path / "resumed", cache_dir, *steps))  # checkpoint.resume=auto
     resumed = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "resumed")}
 
+    if packing == "wlb":
+        state = json.loads((tmp_path / "resumed/checkpoints/step-4/state.json").read_text())
+        held = state["packer"]["carry"] + sum(state["packer"]["queues"], [])
+        assert held, "the checkpoint must hold pieces waiting in the packer for this test to bite"
     assert sorted(resumed) == list(range(1, 9)), "metrics of the crashed steps are replaced"
     for step in range(5, 9):
         assert resumed[step] == full[step], step  # bit-exact on the CPU in fp32
