@@ -55,3 +55,27 @@ def test_init_is_seeded_and_names_are_hugging_face():
     assert "model.embed_tokens.weight" in hf and "lm_head.weight" in hf
     assert set(from_hf_state_dict(hf)) == set(a.state_dict())
     assert sum(p.numel() for p in a.parameters()) == num_params(CFG, embedding=True)
+
+
+def test_chunked_loss_equals_full_cross_entropy(monkeypatch):
+    import torch.nn.functional as F
+
+    from wlbtrain.models import llama
+
+    monkeypatch.setattr(llama, "LOSS_CHUNK", 7)  # several slices, the last one short
+    model = make_model()
+    docs = [torch.randint(0, CFG.vocab_size, (n,)) for n in (9, 13)]
+    tokens = torch.cat(docs)
+    labels = torch.roll(tokens, -1)
+    labels[[8, 21]] = -100
+    positions = torch.cat([torch.arange(len(d)) for d in docs])
+    cu = torch.tensor([0, 9, 22], dtype=torch.int32)
+    loss = model(tokens, positions, cu, 13, labels=labels)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    full = F.cross_entropy(model(tokens, positions, cu, 13), labels, reduction="sum")
+    full.backward()
+    torch.testing.assert_close(loss, full)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, msg=name)

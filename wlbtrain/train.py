@@ -19,12 +19,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError
-from .data.batch import IGNORE, build_micro_batch, num_targets
+from .data.batch import build_micro_batch, num_targets
 from .data.cost import CostModel
 from .data.packing import make_packer, max_piece_for
 from .data.store import open_source
@@ -196,10 +195,8 @@ class Trainer:
                 self.model.set_requires_gradient_sync(i == len(mine) - 1)
             batch = build_micro_batch(self.store, pieces).to(self.place.device)
             with self._autocast():
-                logits = self.model(batch.tokens, batch.positions, batch.cu_seqlens,
-                                    batch.max_seqlen)
-            loss = F.cross_entropy(logits.float(), batch.labels, ignore_index=IGNORE,
-                                   reduction="sum")
+                loss = self.model(batch.tokens, batch.positions, batch.cu_seqlens,
+                                  batch.max_seqlen, labels=batch.labels)
             (loss * scale).backward()
             loss_sum += loss.detach()
         grad_norm = self._clip_gradients()

@@ -16,7 +16,7 @@ import torch
 
 from .stream import Piece
 
-IGNORE = -100  # label of a position with no target (cross_entropy's ignore_index)
+IGNORE = -100  # label of a position with no target: cross_entropy's default ignore_index
 
 
 @dataclass

@@ -17,9 +17,14 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from .attention import AttentionFn, reference_attention
+
+# Tokens per slice of the output head in the loss: bounds the fp32 logits held at once to
+# LOSS_CHUNK × vocab (a 128K-token micro-batch with a 32K vocabulary would need 16 GiB at once).
+LOSS_CHUNK = 8192
 
 
 class RMSNorm(nn.Module):
@@ -111,12 +116,23 @@ class Llama(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
-    def forward(self, tokens, positions, cu_seqlens, max_seqlen: int) -> torch.Tensor:
+    def forward(self, tokens, positions, cu_seqlens, max_seqlen: int, labels=None):
+        """Logits [T, vocab]; or, given labels [T] (-100: no target), the summed token loss."""
         cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
         x = self.embed_tokens(tokens)
         for layer in self.layers.values():
             x = layer(x, cos, sin, cu_seqlens, max_seqlen, self.attention_fn)
-        return self.lm_head(self.norm(x))
+        h = self.norm(x)
+        if labels is None:
+            return self.lm_head(h)
+        total = h.new_zeros((), dtype=torch.float32)
+        for h_part, labels_part in zip(h.split(LOSS_CHUNK), labels.split(LOSS_CHUNK)):
+            # Recomputed in the backward, so no slice's logits outlive its own loss.
+            total = total + checkpoint(self._loss_sum, h_part, labels_part, use_reentrant=False)
+        return total
+
+    def _loss_sum(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.lm_head(h).float(), labels, reduction="sum")
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
