@@ -14,6 +14,9 @@ fi
 if [ -z "${NPROC:-}" ]; then
   NPROC=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
 fi
+# Bad input ends here with one line and exit status 2, before any process starts.
+WORLD_SIZE=$((NPROC * ${NNODES:-1})) "$PYTHON" -m wlbtrain.cli train --check "$@" >/dev/null
+
 exec "$PYTHON" -m torch.distributed.run \
   --nproc-per-node="$NPROC" --nnodes="${NNODES:-1}" --node-rank="${NODE_RANK:-0}" \
   --master-addr="${MASTER_ADDR:-127.0.0.1}" --master-port="${MASTER_PORT:-29500}" \

@@ -67,7 +67,8 @@ def test_overrides_parse_as_yaml_scalars():
 
 def test_defaults_alone_are_valid():
     cfg = load_config(None)
-    assert cfg.parallel.world_size == 1
+    assert cfg.parallel.data_parallel(4) == 1
+    assert load_config(None, ["parallel.dp=-1"]).parallel.data_parallel(4) == 4
     with pytest.raises(ConfigError):
         load_config(None, ["train.micro_batches=0"])
 
@@ -76,3 +77,67 @@ def test_defaults_alone_are_valid():
 def test_every_shipped_recipe_is_valid(recipe):
     cfg = load_config(recipe)
     assert cfg.data.context > 0
+
+
+def test_non_utf8_recipe(tmp_path, capsys):
+    recipe = tmp_path / "latin1.yaml"
+    recipe.write_bytes("train: {out_dir: caf\xe9}\n".encode("latin-1"))
+    assert main(["train", str(recipe)]) == 2
+    assert "latin1.yaml" in capsys.readouterr().err
+
+
+TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+        "model.ffn_dim=128", "data.context=256", "train.micro_batches=2"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A short run with a checkpoint, to resume from with other settings."""
+    out = tmp_path_factory.mktemp("trained")
+    cache = tmp_path_factory.mktemp("cache")
+    args = [*TINY, f"train.out_dir={out}", f"data.cache_dir={cache}", "train.steps=2"]
+    assert main(["train", "recipes/debug.yaml", *args]) == 0
+    return args
+
+
+@pytest.mark.parametrize("change,key", [
+    ("data.packing=wlb", "data.packing"),
+    ("model.dim=128", "model.dim"),
+    ("train.micro_batches=4", "train.micro_batches"),
+    ("train.seed=5", "train.seed"),
+])
+def test_resume_with_other_settings_exits_2(trained, capsys, change, key):
+    assert main(["train", "recipes/debug.yaml", *trained, "train.steps=3", change]) == 2
+    err = capsys.readouterr().err
+    assert key in err and "trained with" in err and len(err.strip().splitlines()) == 1
+
+
+def test_resume_from_a_directory_that_is_no_checkpoint(trained, tmp_path, capsys):
+    assert main(["train", "recipes/debug.yaml", *trained, f"checkpoint.resume={tmp_path}"]) == 2
+    assert "not a readable checkpoint" in capsys.readouterr().err
+
+
+def test_bad_cost_profile(trained, tmp_path, capsys):
+    profile = tmp_path / "profile.json"
+    profile.write_text('{"attn_coef": 1e-10}')
+    assert main(["train", "recipes/debug.yaml", *trained, "checkpoint.resume=none",
+                 f"data.cost_profile={profile}"]) == 2
+    assert "data.cost_profile" in capsys.readouterr().err
+
+
+def test_head_size_the_kernel_lacks(trained, monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert main(["train", "recipes/debug.yaml", *trained, "train.attention=triton",
+                 "model.dim=96", "checkpoint.resume=none"]) == 2
+    assert "model.dim" in capsys.readouterr().err
+
+
+def test_train_sh_stops_bad_input_before_torchrun(tmp_path):
+    import subprocess
+
+    done = subprocess.run(["scripts/train.sh", "recipes/debug.yaml", "train.nosuch=1",
+                           f"train.out_dir={tmp_path}/run"], capture_output=True, text=True,
+                          env={**__import__("os").environ, "NPROC": "1"}, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert "train.nosuch" in done.stderr and not (tmp_path / "run").exists()

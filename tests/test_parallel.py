@@ -55,3 +55,39 @@ def test_layout_matches_single_device(tmp_path, overrides, description, nproc):
     assert weights.keys() == ref_weights.keys()
     for name in weights:
         torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-4, atol=1e-5)
+
+
+def worker_with_rank(parent: int, rank: int) -> int:
+    """The pid of torchrun's worker process with RANK=rank."""
+    children = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True)
+    for pid in map(int, children.stdout.split()):
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            if f"RANK={rank}".encode() in f.read().split(b"\0"):
+                return pid
+    raise LookupError(f"no worker with RANK={rank} under {parent}")
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_rank_stops_all_ranks_at_one_checkpoint(tmp_path):
+    """Preemption signals reach ranks at different moments; the ranks still stop together,
+    after the same step, with that step checkpointed."""
+    import signal
+
+    args = [*TINY, "train.steps=1000", "checkpoint.every=0", f"train.out_dir={tmp_path}/run",
+            f"data.cache_dir={tmp_path}/cache", "parallel.dp=2", "train.micro_batches=2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+         f"--master-port={free_port()}", "-m", "wlbtrain.cli", "train", "recipes/debug.yaml",
+         *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:
+        if line.split()[:2] == ["step", "3/1000"]:
+            os.kill(worker_with_rank(proc.pid, 1), signal.SIGTERM)
+            break
+    proc.stdout.read()
+    assert proc.wait(timeout=300) == 0
+    from wlbtrain.checkpoint import latest_checkpoint
+
+    rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert 3 <= rows[-1]["step"] < 1000
+    assert latest_checkpoint(tmp_path / "run").name == f"step-{rows[-1]['step']}"

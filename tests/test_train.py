@@ -117,7 +117,7 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, cache_dir, mo
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt, "save_file", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(RuntimeError, match="disk full"):
         train(tiny(tmp_path, cache_dir, "train.steps=3", "checkpoint.every=1"))
     assert ckpt.latest_checkpoint(tmp_path).name == "step-2"
     assert load_file(tmp_path / "checkpoints/step-2/model.safetensors")
@@ -142,3 +142,22 @@ def test_sigterm_checkpoints_the_finished_step_and_stops(tmp_path, cache_dir):
     assert "checkpointing after this step" in rest
     last = read_metrics(tmp_path)[-1]["step"]
     assert ckpt.latest_checkpoint(tmp_path).name == f"step-{last}"
+
+
+def test_a_fresh_run_sets_older_checkpoints_aside(tmp_path, cache_dir):
+    """resume=none into an out_dir with checkpoints: the new run's own checkpoints are kept and
+    resumed next time; the old ones are moved aside, not deleted."""
+    train(tiny(tmp_path, cache_dir, "train.steps=6", "checkpoint.every=3"))
+    train(tiny(tmp_path, cache_dir, "train.steps=2", "checkpoint.every=1",
+               "checkpoint.resume=none"))
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1, 2]
+    aside = list((tmp_path / "checkpoints").glob("abandoned-*/step-*"))
+    assert sorted(p.name for p in aside) == ["step-3", "step-6"]
+    assert ckpt.resume_point(tiny(tmp_path, cache_dir), 2).name == "step-2"
+
+
+def test_log_every_thins_the_console_not_the_metrics(tmp_path, cache_dir, capsys):
+    train(tiny(tmp_path, cache_dir, "train.steps=4", "train.log_every=3"))
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    assert len(printed) == 2  # step 3 and the last step

@@ -18,6 +18,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +30,15 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from .config import ConfigError
 from .models.llama import from_hf_state_dict, hf_state_dict
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# Settings a checkpoint's weights, data stream and packer state depend on: resuming under other
+# values would fail to load or, worse, silently train other documents.
+RESUME_KEYS = ("data.source", "data.tokenizer", "data.packing", "data.context",
+               "data.max_tokens_per_micro_batch", "data.outlier_thresholds", "data.fixed_window",
+               "train.micro_batches", "train.seed")
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
@@ -55,26 +62,89 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(out_dir, step: int, model, optimizer, train_state: dict, keep: int) -> Path:
-    """Write ``step-<step>`` atomically, then delete all but the newest ``keep``."""
+    """Write ``step-<step>`` atomically, then delete all but the newest ``keep``.
+
+    Collective: every rank calls it; if rank 0 fails to write, every rank raises (none is left
+    waiting for a rank that has died)."""
     model_state = get_model_state_dict(model, options=_FULL)
     optim_state = get_optimizer_state_dict(model, optimizer, options=_FULL)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     final = checkpoint_root(out_dir) / f"step-{step}"
+    failure = [None]
     if rank0:
-        tmp = final.with_name(f".tmp-step-{step}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        tensors = {k: v.contiguous() for k, v in hf_state_dict(model_state).items()}
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        torch.save(optim_state, tmp / "optimizer.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **train_state}, indent=1))
-        _fsync_dir(tmp)
-        _replace(tmp, final)
-        _prune(out_dir, keep)
+        try:
+            _write(final, step, model_state, optim_state, train_state)
+            _prune(out_dir, keep)
+        except Exception as err:  # noqa: BLE001 - reported to every rank below
+            failure = [f"{type(err).__name__}: {err}"]
     if dist.is_initialized():
-        dist.barrier()
+        dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise RuntimeError(f"saving checkpoint {final} failed on rank 0 ({failure[0]}); "
+                           "the previous checkpoints are intact")
     return final
+
+
+def _write(final: Path, step: int, model_state, optim_state, train_state: dict) -> None:
+    tmp = final.with_name(f".tmp-step-{step}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {k: v.contiguous() for k, v in hf_state_dict(model_state).items()}
+    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+    torch.save(optim_state, tmp / "optimizer.pt")
+    torch.save(_rng_state(), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, **train_state}, indent=1))
+    _fsync_dir(tmp)
+    _replace(tmp, final)
+
+
+def set_aside(out_dir, after_step: int) -> Path | None:
+    """Move the checkpoints newer than ``after_step`` (from a run this one does not continue)
+    into ``checkpoints/abandoned-<time>/``, where resume and pruning no longer see them but
+    nothing is lost. Returns that directory, or None when there was nothing to move."""
+    newer = [path for step, path in list_checkpoints(out_dir) if step > after_step]
+    if not newer:
+        return None
+    dest = checkpoint_root(out_dir) / time.strftime("abandoned-%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in newer:
+        os.rename(path, dest / path.name)
+    return dest
+
+
+def resume_point(cfg, global_micro_batches: int) -> Path | None:
+    """The checkpoint this run continues from (``checkpoint.resume``), after checking that it
+    was written with the settings its weights, stream and packer state depend on.
+    Raises ConfigError, before anything starts, when it cannot be resumed."""
+    resume = cfg.checkpoint.resume
+    if resume == "none":
+        return None
+    path = latest_checkpoint(cfg.train.out_dir) if resume == "auto" else Path(resume)
+    if path is None:
+        return None
+    try:
+        saved = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"checkpoint.resume: {path} is not a readable checkpoint "
+                          f"(state.json: {err})") from None
+    _check_same_settings(saved.get("config", {}), cfg.to_dict(), path)
+    saved_micro = saved.get("global_micro_batches", global_micro_batches)
+    if saved_micro != global_micro_batches:
+        raise ConfigError(
+            f"parallel.dp: {path} planned {saved_micro} micro-batches per global batch "
+            f"(dp × train.micro_batches), this run {global_micro_batches}; keep the product")
+    return path
+
+
+def _check_same_settings(saved: dict, current: dict, path: Path) -> None:
+    keys = [f"model.{k}" for k in current["model"]] + list(RESUME_KEYS)
+    for key in keys:
+        section, name = key.split(".")
+        old, new = saved.get(section, {}).get(name), current[section][name]
+        if old != new:
+            raise ConfigError(
+                f"{key}: {path} was trained with {old!r}, this run has {new!r}; resume with the "
+                "same value, or start afresh (checkpoint.resume=none or another train.out_dir)")
 
 
 def load_checkpoint(path: str | Path, model, optimizer) -> dict:

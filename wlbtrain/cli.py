@@ -17,9 +17,15 @@ EXIT_BAD_INPUT = 2
 
 def _train(args) -> int:
     from .config import load_config
-    from .train import train
+    from .train import preflight, train
 
-    train(load_config(args.recipe, args.overrides))
+    cfg = load_config(args.recipe, args.overrides)
+    if args.check:
+        ready = preflight(cfg)
+        print(f"ok: {args.recipe}: {ready.dims.describe(0)}, {ready.store.num_docs} documents, "
+              f"resume from {ready.resume_path or 'scratch'}")
+        return 0
+    train(cfg)
     return 0
 
 
@@ -33,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train from a recipe (under torchrun or alone)")
     train.add_argument("recipe", help="YAML recipe, e.g. recipes/debug.yaml")
     train.add_argument("overrides", nargs="*", metavar="section.key=value")
+    train.add_argument("--check", action="store_true",
+                       help="validate recipe, data, layout and resume point; start nothing")
     train.set_defaults(run=_train)
 
     prep = commands.add_parser("prepare", help="text, directories or JSONL → a token store")

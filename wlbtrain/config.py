@@ -84,7 +84,7 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
-    dp: int = 1
+    dp: int = 1  # -1: every process not used by tp, pp and cp
     tp: int = 1
     pp: int = 1
     cp: int = 1
@@ -92,12 +92,16 @@ class ParallelConfig:
     cp_attention: Literal["allgather", "ring"] = "allgather"
 
     def validate(self) -> None:
-        for key in ("dp", "tp", "pp", "cp"):
+        _require(self.dp >= 1 or self.dp == -1, "parallel.dp",
+                 "an integer >= 1, or -1 for all processes left by tp, pp and cp")
+        for key in ("tp", "pp", "cp"):
             _require(getattr(self, key) >= 1, f"parallel.{key}", "an integer >= 1")
 
-    @property
-    def world_size(self) -> int:
-        return self.dp * self.tp * self.pp * self.cp
+    def data_parallel(self, world_size: int | None) -> int:
+        """``dp`` with -1 resolved for ``world_size`` processes (1 when that is unknown)."""
+        if self.dp != -1:
+            return self.dp
+        return max(world_size // (self.tp * self.pp * self.cp), 1) if world_size else 1
 
 
 @dataclass
@@ -195,8 +199,10 @@ def _read_recipe(path) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: recipe file not found")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the recipe ({err})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

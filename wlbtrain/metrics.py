@@ -69,11 +69,13 @@ class MetricsLogger:
                 if line.strip() and json.loads(line)["step"] <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
-    def log(self, record: dict) -> None:
+    def log(self, record: dict, console: bool = True) -> None:
+        """One metrics.jsonl record per step; the console line only when ``console``."""
         if not self.enabled:
             return
         self.file.write(json.dumps(record) + "\n")
-        print(self._console_line(record), flush=True)
+        if console:
+            print(self._console_line(record), flush=True)
         if self.writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and value is not None:

@@ -202,7 +202,7 @@ def variants(cfg, packing_given: bool, json_mode: bool) -> list[Variant]:
 
 def run_variant(v: Variant, cfg, lengths: np.ndarray, steps: int, cost_model: CostModel) -> PackerRun:
     d = cfg.data
-    n_micro = cfg.parallel.dp * cfg.train.micro_batches
+    n_micro = cfg.parallel.data_parallel(None) * cfg.train.micro_batches
     stream = DocumentStream(lengths, cfg.train.seed,
                             max_piece_for(v.packing, d.context, d.max_tokens_per_micro_batch),
                             loop=False)
@@ -213,7 +213,7 @@ def run_variant(v: Variant, cfg, lengths: np.ndarray, steps: int, cost_model: Co
 
 
 def to_json(run: PackerRun, cfg) -> dict:
-    n_micro = cfg.parallel.dp * cfg.train.micro_batches
+    n_micro = cfg.parallel.data_parallel(None) * cfg.train.micro_batches
     return {"packing": cfg.data.packing, "context": cfg.data.context, "micro_batches": n_micro,
             "steps": [{"step": i, "pack_ms": round(s.pack_ms, 3),
                        "micro_batches": [{"docs": [list(p) for p in mb]} for mb in s.plan]}
@@ -223,9 +223,9 @@ def to_json(run: PackerRun, cfg) -> dict:
 
 
 def format_table(runs: list[PackerRun], cfg, cost_model: CostModel, source: str) -> str:
-    d, n_micro = cfg.data, cfg.parallel.dp * cfg.train.micro_batches
+    d, n_micro = cfg.data, cfg.parallel.data_parallel(None) * cfg.train.micro_batches
     cross = cost_model.crossover_length()
-    lines = [f"{source}: {n_micro} micro-batches per step (dp {cfg.parallel.dp} × "
+    lines = [f"{source}: {n_micro} micro-batches per step (dp {cfg.parallel.data_parallel(None)} × "
              f"{cfg.train.micro_batches}), context {d.context}, wlb up to "
              f"{d.max_tokens_per_micro_batch} tokens; attention costs as much as the rest at "
              f"{cross / 1024:.1f}K-token documents",

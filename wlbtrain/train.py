@@ -59,10 +59,21 @@ def resolve_placement(cfg: Config) -> Placement:
     attention = cfg.train.attention
     if attention == "auto":
         attention = "triton" if on_gpu else "reference"
-    if attention == "triton" and not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
+    if attention == "triton":
+        _check_triton(cfg, on_gpu)
+    return Placement(device, getattr(torch, dtype), attention)
+
+
+def _check_triton(cfg: Config, on_gpu: bool) -> None:
+    if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError("train.attention: triton needs a CUDA GPU (or TRITON_INTERPRET=1); "
                           "use reference on the CPU")
-    return Placement(device, getattr(torch, dtype), attention)
+    from wlbtrain.kernels.attention import SUPPORTED_HEAD_DIMS
+
+    if cfg.model.head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ConfigError(f"model.dim: dim / n_heads = {cfg.model.head_dim} is not a head size "
+                          f"the triton kernel supports {SUPPORTED_HEAD_DIMS}; change model.dim or "
+                          "model.n_heads, or use train.attention=reference")
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -110,43 +121,76 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+@dataclass
+class Preflight:
+    """What a run needs that bad input can break, settled before any process group starts."""
+
+    place: Placement
+    store: object  # TokenStore
+    dims: ParallelDims
+    n_micro: int  # micro-batches per global batch: dp × train.micro_batches
+    resume_path: object  # Path | None
+    cost_model: CostModel
+
+
+def preflight(cfg: Config) -> Preflight:
+    """Check everything that can fail on bad input; raises ConfigError / StoreError."""
+    place = resolve_placement(cfg)
+    store = open_source(cfg.data.source, cfg.data.tokenizer, cfg.data.cache_dir)
+    if store.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size: expected at least the tokenizer's vocabulary "
+                          f"({store.vocab_size}), got {cfg.model.vocab_size}")
+    dims = ParallelDims.from_config(cfg.parallel, world_size_from_env())
+    n_micro = dims.dp * cfg.train.micro_batches
+    return Preflight(place, store, dims, n_micro, ckpt.resume_point(cfg, n_micro),
+                     _cost_model(cfg))
+
+
+def _cost_model(cfg: Config) -> CostModel:
+    if cfg.data.cost_profile is None:
+        return CostModel.from_model(cfg.model, cfg.parallel)
+    try:
+        return CostModel.from_profile(cfg.data.cost_profile)
+    except ValueError as err:
+        raise ConfigError(f"data.cost_profile: {err}") from None
+
+
 class Trainer:
     """Everything one training run holds; ``run()`` trains to ``train.steps``."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        # Everything that can fail on bad input happens before the process group starts.
-        self.place = resolve_placement(cfg)
-        self.store = open_source(cfg.data.source, cfg.data.tokenizer, cfg.data.cache_dir)
-        if self.store.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(f"model.vocab_size: expected at least the tokenizer's vocabulary "
-                              f"({self.store.vocab_size}), got {cfg.model.vocab_size}")
-        self.dims = ParallelDims.from_config(cfg.parallel, world_size_from_env())
-        self.resume_path = self._resume_path()
+        ready = preflight(cfg)
+        self.place, self.store, self.dims = ready.place, ready.store, ready.dims
+        self.n_micro, self.resume_path = ready.n_micro, ready.resume_path
+        self.cost_model = ready.cost_model
 
         init_process_group(self.place.device)
         self.rank = dist.get_rank()
+        self._agree_on_resume_point()
         self.mesh = self.dims.build_mesh(self.place.device.type)
         self.dp_rank = self.mesh["dp"].get_local_rank()
         self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, cfg)
 
-        self.cost_model = (CostModel.from_profile(cfg.data.cost_profile) if cfg.data.cost_profile
-                           else CostModel.from_model(cfg.model, cfg.parallel))
         self.stream, self.packer = self._build_data()
         self.step = 0
         if self.resume_path is not None:
             self._resume(self.resume_path)
+        # Checkpoints past the resume point belong to a run this one does not continue; they
+        # are set aside (not deleted) at the first save.
+        self.set_aside_after = self.step
         peak = cfg.train.peak_tflops or device_peak_tflops(self.place.device)
         self.peak_flops = peak * 1e12 if peak else None
 
-    def _resume_path(self):
-        resume = self.cfg.checkpoint.resume
-        if resume == "none":
-            return None
-        if resume == "auto":
-            return ckpt.latest_checkpoint(self.cfg.train.out_dir)
-        return resume
+    def _agree_on_resume_point(self) -> None:
+        """Every rank must continue from the same checkpoint (out_dir on a shared filesystem)."""
+        mine = str(self.resume_path)
+        chosen = [mine]
+        dist.broadcast_object_list(chosen, src=0)
+        if chosen[0] != mine:
+            raise RuntimeError(f"rank {self.rank} would resume from {mine} but rank 0 from "
+                               f"{chosen[0]}: train.out_dir must be one shared directory")
 
     def _build_model(self) -> torch.nn.Module:
         model = build_model(self.cfg.model, get_backend(self.place.attention))
@@ -158,14 +202,13 @@ class Trainer:
 
     def _build_data(self):
         d = self.cfg.data
-        n_micro = self.dims.dp * self.cfg.train.micro_batches
         max_piece = max_piece_for(d.packing, d.context, d.max_tokens_per_micro_batch)
         stream = DocumentStream(self.store.doc_lengths, self.cfg.train.seed, max_piece)
         options = {"outlier_thresholds": d.outlier_thresholds, "fixed_window": d.fixed_window,
                    "refine": d.refine}
         packer = make_packer(d.packing, context=d.context,
                              max_tokens_per_micro_batch=d.max_tokens_per_micro_batch,
-                             n_micro_batches=n_micro, cost_model=self.cost_model, **options)
+                             n_micro_batches=self.n_micro, cost_model=self.cost_model, **options)
         return stream, packer
 
     def _resume(self, path) -> None:
@@ -229,11 +272,24 @@ class Trainer:
 
     def _train_state(self) -> dict:
         return {"stream": self.stream.state_dict(), "packer": self.packer.state_dict(),
-                "config": self.cfg.to_dict()}
+                "global_micro_batches": self.n_micro, "config": self.cfg.to_dict()}
 
     def save(self) -> None:
+        if self.set_aside_after is not None:
+            if self.rank == 0:
+                moved = ckpt.set_aside(self.cfg.train.out_dir, self.set_aside_after)
+                if moved:
+                    print(f"checkpoints newer than step {self.set_aside_after} are from another "
+                          f"run: moved to {moved}", flush=True)
+            self.set_aside_after = None
         ckpt.save_checkpoint(self.cfg.train.out_dir, self.step, self.model, self.optimizer,
                              self._train_state(), self.cfg.checkpoint.keep)
+
+    def _stop_agreed(self, requested: bool) -> bool:
+        """A signal may reach ranks on either side of a step boundary: stop only together."""
+        flag = torch.tensor([int(requested)], device=self.place.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def run(self) -> None:
         cfg = self.cfg
@@ -249,7 +305,7 @@ class Trainer:
                                cfg.train.tensorboard)
         saved_step = self.step
         with StopRequest() as stop:
-            while self.step < cfg.train.steps and not stop.requested:
+            while self.step < cfg.train.steps and not self._stop_agreed(stop.requested):
                 self.step += 1
                 lr = lr_at(self.step, cfg)
                 for group in self.optimizer.param_groups:
@@ -258,8 +314,8 @@ class Trainer:
                 plan = self.packer.pack(self.stream)
                 loss, grad_norm = self.train_step(plan)  # .item() waits for the device
                 seconds = time.perf_counter() - start
-                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
-                    logger.log(self._step_record(plan, loss, grad_norm, lr, seconds))
+                console = self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps
+                logger.log(self._step_record(plan, loss, grad_norm, lr, seconds), console)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at step {self.step}; the last "
                                              "checkpoint holds the last good state")

@@ -289,13 +289,49 @@ def _place(bins, cost, room, b, item, cost_model):
 
 
 def group_into_steps(bins: list[list[Item]], n: int, cost_model: CostModel) -> list[list[list[Item]]]:
-    """Micro-batches of similar cost share a step: sort by cost, take them n at a time."""
+    """Micro-batches of similar cost share a step: sort by cost, take them n at a time. Within a
+    step they are handed out in ``rank_balanced_order``, not by cost: a DP rank trains a
+    contiguous slice of the step, and heaviest-first would make the first rank the straggler."""
     bins = [b for b in bins if b]
     bins.sort(key=lambda b: -cost_model.micro_batch_cost(i[2] for i in b))
     steps = [bins[k:k + n] for k in range(0, len(bins), n)]
     if steps:
         steps[-1] += [[] for _ in range(n - len(steps[-1]))]
-    return steps
+    return [[step[i] for i in rank_balanced_order(_costs(step, cost_model))] for step in steps]
+
+
+def _costs(bins: list[list[Item]], cost_model: CostModel) -> list[float]:
+    return [cost_model.micro_batch_cost(it[2] for it in b) for b in bins]
+
+
+def rank_balanced_order(costs) -> list[int]:
+    """An order of a step's micro-batches whose contiguous equal slices have similar total cost.
+
+    DP rank r trains micro-batches [r·k, (r+1)·k) of a step (k per rank), and without a
+    pipeline its time is their sum; the packer knows only n = dp·k. So the order balances every
+    slicing it can at once: split n into p equal groups of similar total cost (p the smallest
+    prime factor of n; heaviest first onto the lightest group with room), lightest group first,
+    and order each group the same way, recursively. That balances the slices of every dp that is
+    a product of n's smallest prime factors taken in order (all powers of two when n is one).
+    Deterministic: ties go by index.
+    """
+    return _balanced(list(range(len(costs))), [float(c) for c in costs])
+
+
+def _balanced(idx: list[int], costs: list[float]) -> list[int]:
+    n = len(idx)
+    if n <= 1:
+        return idx
+    p = next(f for f in range(2, n + 1) if n % f == 0)
+    size = n // p
+    groups: list[list[int]] = [[] for _ in range(p)]
+    sums = [0.0] * p
+    for i in sorted(idx, key=lambda i: (-costs[i], i)):
+        g = min((g for g in range(p) if len(groups[g]) < size), key=lambda g: (sums[g], g))
+        groups[g].append(i)
+        sums[g] += costs[i]
+    order = sorted(range(p), key=lambda g: (sums[g], g))
+    return [i for g in order for i in _balanced(sorted(groups[g]), costs)]
 
 
 def _longest_first(item: Item):
@@ -345,8 +381,10 @@ class WlbPacker(Packer):
         self.refine_moves = refine_moves
         self.max_carry = context if max_carry is None else max_carry
         self.carry: list[Item] = []  # pieces that did not fit the last step
-        # tokens a step pulls: what fixed-length packing would train, so steps stay comparable
-        self.budget = n_micro_batches * context
+        # tokens a step pulls: what fixed-length packing would train, so steps stay comparable,
+        # but never more than the micro-batches can hold: a step that pulled n·context tokens
+        # into n·max_tokens of room (max_tokens < context) would carry the excess over forever
+        self.budget = n_micro_batches * min(context, max_tokens)
 
     def _plan(self, stream):
         groups, pool = self._gather(stream)
@@ -356,15 +394,15 @@ class WlbPacker(Packer):
         bins, returned = place_outlier_groups(groups, n, cap, cm)
         for item in reversed(returned):  # back to the head of its queue: FIFO order kept
             self._queue_for(item[2]).items.appendleft(item)
+        # Carried pieces first, whatever their length: otherwise the same short pieces lose to
+        # fresh longer ones step after step and their delay grows without bound. Refine holds
+        # back only fresh pieces, so nothing starves there either.
+        bins, left = greedy_pack(pool, n, cap, cm, bins=bins, first=lambda it: it[3] < self.step)
         if self.refine:
-            # carried pieces first: refine holds back only fresh pieces, so nothing starves
-            bins, left = greedy_pack(pool, n, cap, cm, bins=bins, first=lambda it: it[3] < self.step)
             bins, left = refine_plan(bins, left, cap, cm, max_moves=self.refine_moves,
                                      max_carry=self.max_carry, may_hold=self._may_hold)
-        else:
-            bins, left = greedy_pack(pool, n, cap, cm, bins=bins)
         self.carry = left
-        return bins
+        return [bins[i] for i in rank_balanced_order(_costs(bins, cm))]
 
     def _may_hold(self, item: Item) -> bool:
         # Only fresh pieces below the outlier thresholds: a held piece waits one step, and an
@@ -455,9 +493,16 @@ def greedy_pack(pool: list[Item], n: int, capacity: int, cost_model: CostModel,
     else onto the one with fewest tokens if that has room, else it is left over.
 
     bins: micro-batches already started (default: n empty ones); first: optional predicate,
-    pieces it selects are placed before the others. Returns (n micro-batches, leftovers).
+    pieces it selects are placed before the others, the oldest (earliest pulled) of them first,
+    so a piece that keeps losing its place ages to the front. Returns (n micro-batches,
+    leftovers).
     """
-    key = _longest_first if first is None else (lambda it: (not first(it), *_longest_first(it)))
+    if first is None:
+        key = _longest_first
+    else:
+        def key(it):
+            early = bool(first(it))
+            return (not early, it[3] if early else 0, *_longest_first(it))
     bins = [list(b) for b in bins] if bins is not None else [[] for _ in range(n)]
     cost = [cost_model.micro_batch_cost(it[2] for it in b) for b in bins]
     tokens = [_tokens(b) for b in bins]

@@ -30,15 +30,18 @@ class ParallelDims:
     def from_config(cls, par: ParallelConfig, world_size: int) -> "ParallelDims":
         """Validate the degrees against ``world_size``; raises ConfigError before any process
         group exists."""
-        if par.world_size != world_size:
+        dp = par.data_parallel(world_size)
+        if dp * par.tp * par.pp * par.cp != world_size:
             raise ConfigError(
-                f"parallel: dp*tp*pp*cp = {par.dp}*{par.tp}*{par.pp}*{par.cp} = {par.world_size} "
-                f"must equal the number of processes ({world_size})")
+                f"parallel: dp*tp*pp*cp = {dp}*{par.tp}*{par.pp}*{par.cp} = "
+                f"{dp * par.tp * par.pp * par.cp} must equal the number of processes "
+                f"({world_size}); start that many (NPROC=... scripts/train.sh) or set "
+                "parallel.dp=-1 to give data parallelism every process left")
         unsupported = [k for k in ("tp", "pp", "cp") if getattr(par, k) > 1]
         if unsupported:
             raise ConfigError(f"parallel.{unsupported[0]}: degrees above 1 are not supported yet "
                               "(data parallelism is); set it to 1")
-        return cls(par.pp, par.dp, par.cp, par.tp, world_size)
+        return cls(par.pp, dp, par.cp, par.tp, world_size)
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
         return init_device_mesh(device_type, tuple(getattr(self, d) for d in MESH_DIMS),
