@@ -7,7 +7,7 @@ import pytest
 
 from wlbtrain.data.cost import CostModel, imbalance
 from wlbtrain.data.packing import (OutlierQueue, default_outlier_thresholds, greedy_pack,
-                                   make_packer, max_piece_for, refine_plan)
+                                   make_packer, max_piece_for, rank_balanced_order, refine_plan)
 from wlbtrain.data.stream import DocumentStream
 
 CONTEXT = 4096
@@ -247,3 +247,63 @@ def test_make_packer_rejects_bad_input():
         make_packer("wlb", context=CONTEXT, n_micro_batches=4, cost_model=COST, refien=True)
     with pytest.raises(ValueError):
         make_packer("fixed", context=CONTEXT, n_micro_batches=4, cost_model=COST, fixed_window=0)
+
+
+@pytest.mark.parametrize("refine", [False, True], ids=["greedy", "refine"])
+def test_wlb_delay_stays_bounded_when_micro_batches_are_shorter_than_context(refine):
+    # max_tokens = context / 2: a step that pulled n·context tokens would carry half of them
+    # over, and without the carried-first rule the same short pieces lost every step (delay
+    # grew to ~250 steps over this epoch)
+    lengths = long_tail_lengths(n=4500, seed=12)
+    max_tokens = CONTEXT // 2
+    stream = RecordingStream(lengths, 0, max_piece_for("wlb", CONTEXT, max_tokens), loop=False)
+    packer = make_packer("wlb", context=CONTEXT, max_tokens_per_micro_batch=max_tokens,
+                         n_micro_batches=N_MICRO, cost_model=COST, refine=refine)
+    plans, short_delay, any_delay = [], 0, 0
+    while (plan := packer.pack(stream)) is not None:
+        plans.append(plan)
+        for mb, delays in zip(plan, packer.last_delays):
+            assert sum(p[2] for p in mb) <= max_tokens
+            for piece, delay in zip(mb, delays):
+                any_delay = max(any_delay, delay)
+                if piece[2] < packer.thresholds[0]:  # never queued: waits only in the carry-over
+                    short_delay = max(short_delay, delay)
+    assert len(plans) >= 300
+    assert short_delay <= 10
+    assert any_delay <= 20  # outliers also wait for their queue to fill
+    assert packer.pending() == []
+    every = [p for plan in plans for mb in plan for p in mb]
+    assert all((c == 1).all() for c in token_counts(lengths, every)), "a token trained twice or never"
+    assert_same_tokens(lengths, every, stream.emitted)
+
+
+def test_rank_balanced_order_balances_every_power_of_two_slicing():
+    costs = [8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0]
+    order = rank_balanced_order(costs)
+    assert sorted(order) == list(range(8))
+    for ranks in (2, 4):
+        k = 8 // ranks
+        sums = [sum(costs[i] for i in order[r * k:(r + 1) * k]) for r in range(ranks)]
+        assert max(sums) == min(sums)
+    assert rank_balanced_order([]) == [] and rank_balanced_order([3.0]) == [0]
+    assert sorted(rank_balanced_order([5.0, 1.0, 4.0, 2.0, 3.0, 0.0])) == list(range(6))
+
+
+@pytest.mark.parametrize("variant", ["fixed", "wlb", "wlb-refine"])
+def test_no_dp_rank_gets_the_heavy_micro_batches(variant):
+    # DP rank r trains the contiguous slice [r·k, (r+1)·k) of a step; here 2 ranks of 2. A plan
+    # sorted heaviest first made rank 0 the straggler of every step.
+    def rank_imbalance_and_first(variant):
+        stream, packer = build(variant, long_tail_lengths(seed=10), loop=True)
+        ratios, heaviest_first = [], 0
+        for _ in range(200):
+            costs = np.array([COST.micro_batch_cost(p[2] for p in mb) for mb in packer.pack(stream)])
+            sums = costs.reshape(2, N_MICRO // 2).sum(axis=1)
+            ratios.append(sums.max() / sums.mean())
+            heaviest_first += int(np.argmax(costs) == 0)
+        return float(np.mean(ratios)), heaviest_first / 200
+
+    plain, _ = rank_imbalance_and_first("plain")
+    ratio, heaviest_first = rank_imbalance_and_first(variant)
+    assert ratio <= plain + 0.01
+    assert heaviest_first < 0.5

@@ -3,7 +3,9 @@
 A global batch is ``n_micro_batches`` = DP × PP micro-batches planned together (micro-batch m runs
 on DP rank m // micro_batches as pipeline micro-batch m % micro_batches). The slowest micro-batch
 sets the pace of the pipeline and of the DP all-reduce, so what matters is the balance of the
-micro-batches' estimated cost (``CostModel``), not of their token counts:
+micro-batches' estimated cost (``CostModel``), not of their token counts. A DP rank trains a
+contiguous slice of the plan and, without a pipeline, takes the sum of its slice, so fixed and wlb
+hand a step's micro-batches out in ``rank_balanced_order`` (never sorted by cost):
 
 - ``plain``: stream order, fixed ``context`` tokens per micro-batch, pieces cut at the boundary.
   What today's frameworks do; the baseline.
