@@ -19,15 +19,16 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 from types import SimpleNamespace
 
 import numpy as np
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from wlbtrain.data.cost import CostModel  # noqa: E402
+from wlbtrain.metrics import device_name  # noqa: E402
 from wlbtrain.data.packing import make_packer, max_piece_for  # noqa: E402
 from wlbtrain.data.stream import DocumentStream  # noqa: E402
 from wlbtrain.plan import simulate  # noqa: E402
@@ -113,17 +114,6 @@ def table(name, lengths, steps, seed) -> str:
     return "\n".join(rows + [""] + notes)
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=500)
@@ -131,7 +121,7 @@ def main(argv=None) -> int:
     parser.add_argument("--doclens", default=DOCLENS)
     parser.add_argument("--only", choices=list(FILES))
     args = parser.parse_args(argv)
-    print(f"{os.cpu_count()}-core CPU, {cpu_model()}; {datetime.date.today()}; "
+    print(f"{os.cpu_count()}-core CPU, {device_name(torch.device('cpu'))}; {datetime.date.today()}; "
           f"`python scripts/bench_packing.py --steps {args.steps} --seed {args.seed}`\n")
     for name, filename in FILES.items():
         if args.only and name != args.only:

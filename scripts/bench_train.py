@@ -24,6 +24,7 @@ import torch
 
 from wlbtrain.config import load_config
 from wlbtrain.data.store import write_store
+from wlbtrain.metrics import device_name
 from wlbtrain.plan import load_lengths
 from wlbtrain.train import train
 
@@ -76,7 +77,7 @@ def main() -> int:
         return 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     summary = {"recipe": args.recipe, "overrides": args.overrides, "wall_s": wall,
-               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               "device": device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
                **summarise(rows, args.warmup)}
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1))

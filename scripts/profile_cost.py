@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from wlbtrain.config import ConfigError, load_config  # noqa: E402
+from wlbtrain.metrics import device_name  # noqa: E402
 
 GPU_LENGTHS = [2048, 4096, 8192, 16384, 32768, 65536, 131072]
 GPU_TOKENS = [4096, 8192, 16384, 32768, 65536]
@@ -154,24 +154,11 @@ def build_profile(cfg, lengths, tokens, device, dtype, repeats) -> dict:
         raise RuntimeError("every fitted coefficient is 0: the timings are too noisy; raise "
                            "--repeats or use longer --lengths/--tokens")
     return {"attn_coef": attn_coef, "linear_coef": linear_coef,
-            "device": _device_name(device), "dtype": str(dtype).replace("torch.", ""),
+            "device": device_name(device), "dtype": str(dtype).replace("torch.", ""),
             "attention": backend, "layers_per_stage": layers, "tp": par.tp, "cp": par.cp,
             "pp": par.pp, "lengths": list(lengths), "attention_s": attn_s,
             "tokens": list(tokens), "layer_s": layer_s, "head_s": head_s,
             "torch": torch.__version__}
-
-
-def _device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _ints(text: str) -> list[int]:

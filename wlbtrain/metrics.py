@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import resource
 import sys
 import time
@@ -32,6 +33,20 @@ def device_peak_tflops(device: torch.device) -> float | None:
         if key in name:
             return peak
     return None
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name: what benchmark rows record."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def peak_memory_gib(device: torch.device) -> float:
