@@ -16,6 +16,7 @@ import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -26,7 +27,7 @@ from .config import Config, ConfigError
 from .data.batch import build_micro_batch, num_targets
 from .data.cost import CostModel
 from .data.packing import make_packer, max_piece_for
-from .data.store import open_source
+from .data.store import TokenStore, open_source
 from .data.stream import DocumentStream
 from .metrics import MetricsLogger, device_peak_tflops, peak_memory_gib
 from .models.attention import get_backend
@@ -126,10 +127,10 @@ class Preflight:
     """What a run needs that bad input can break, settled before any process group starts."""
 
     place: Placement
-    store: object  # TokenStore
+    store: TokenStore
     dims: ParallelDims
     n_micro: int  # micro-batches per global batch: dp × train.micro_batches
-    resume_path: object  # Path | None
+    resume_path: Path | None
     cost_model: CostModel
 
 
