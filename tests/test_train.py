@@ -59,7 +59,8 @@ def test_debug_recipe_learns_and_writes_its_files(tmp_path, cache_dir):
     train(tiny(tmp_path, cache_dir, "train.steps=12", "checkpoint.every=5"))
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == list(range(1, 13))
-    for key in ("step", "loss", "tokens", "tokens_per_s", "mfu", "imbalance", "step_time_s"):
+    for key in ("step", "loss", "tokens", "tokens_per_s", "mfu", "imbalance", "rank_imbalance",
+                "step_time_s"):
         assert key in rows[0]
     first = sum(r["loss"] for r in rows[:3]) / 3
     last = sum(r["loss"] for r in rows[-3:]) / 3

@@ -25,7 +25,7 @@ import yaml
 from . import checkpoint as ckpt
 from .config import Config, ConfigError
 from .data.batch import build_micro_batch, num_targets
-from .data.cost import CostModel
+from .data.cost import CostModel, imbalance
 from .data.packing import make_packer, max_piece_for
 from .data.store import TokenStore, open_source
 from .data.stream import DocumentStream
@@ -261,13 +261,16 @@ class Trainer:
         lengths = [length for pieces in plan for _, _, length in pieces]
         tokens = sum(lengths)
         costs = [self.cost_model.micro_batch_cost([p[2] for p in pieces]) for pieces in plan]
-        mean_cost = sum(costs) / len(costs)
+        mb = self.cfg.train.micro_batches
+        # Without pipeline parallelism a DP rank's step is the sum of its micro-batches.
+        rank_costs = [sum(costs[r * mb:(r + 1) * mb]) for r in range(self.dims.dp)]
         flops = flops_per_step(self.cfg.model, lengths)
         mfu = flops / seconds / (self.peak_flops * self.dims.world_size) if self.peak_flops else None
         return {"step": self.step, "loss": loss, "tokens": tokens,
                 "tokens_per_s": tokens / seconds,
                 "tokens_per_s_per_device": tokens / seconds / self.dims.world_size,
-                "mfu": mfu, "imbalance": max(costs) / mean_cost if mean_cost > 0 else 1.0,
+                "mfu": mfu, "imbalance": imbalance(costs),
+                "rank_imbalance": imbalance(rank_costs),
                 "step_time_s": seconds, "lr": lr, "grad_norm": grad_norm,
                 "memory_gib": peak_memory_gib(self.place.device)}
 
