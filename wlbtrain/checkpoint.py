@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from .config import ConfigError
+from .data.store import fsync_dir
 from .models.llama import from_hf_state_dict, hf_state_dict
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -94,7 +95,7 @@ def _write(final: Path, step: int, model_state, optim_state, train_state: dict) 
     torch.save(optim_state, tmp / "optimizer.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **train_state}, indent=1))
-    _fsync_dir(tmp)
+    _fsync_files(tmp)
     _replace(tmp, final)
 
 
@@ -176,20 +177,12 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_dir(directory: Path) -> None:
+def _fsync_files(directory: Path) -> None:
     """Flush every file of ``directory`` and the directory itself to disk."""
     for f in directory.iterdir():
         with open(f, "rb") as handle:
             os.fsync(handle.fileno())
-    _fsync_fd(directory)
-
-
-def _fsync_fd(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(directory)
 
 
 def _replace(tmp: Path, final: Path) -> None:
@@ -202,7 +195,7 @@ def _replace(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
     else:
         os.rename(tmp, final)
-    _fsync_fd(final.parent)  # make the rename itself durable
+    fsync_dir(final.parent)  # make the rename itself durable
 
 
 def _prune(out_dir, keep: int) -> None:

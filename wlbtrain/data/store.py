@@ -292,7 +292,7 @@ def _rename_or_discard(tmp: Path, out: Path) -> bool:
         # Lost a race: a complete store is already at ``out`` (rename is all-or-nothing).
         shutil.rmtree(tmp, ignore_errors=True)
         return False
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     return True
 
 
@@ -335,7 +335,7 @@ def _write_files(tmp: Path, documents: Iterable[np.ndarray | list[int]], vocab_s
         json.dump(header, f, indent=1)
         f.write("\n")
         _fsync(f)
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
 
 
 def _as_token_bytes(i: int, doc: np.ndarray | list[int], vocab_size: int,
@@ -359,8 +359,8 @@ def _fsync(f) -> None:
     os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable; some filesystems do not allow it, which is harmless.
+def fsync_dir(path: Path) -> None:
+    """Make renames in ``path`` durable; some filesystems refuse a directory fsync (harmless)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
