@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError
+from .config import EXIT_BAD_INPUT, ConfigError
 from .data.store import StoreError
 
-EXIT_BAD_INPUT = 2
 
 
 def _train(args) -> int:

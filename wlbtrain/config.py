@@ -19,6 +19,9 @@ from typing import Literal, Optional
 import yaml
 
 
+EXIT_BAD_INPUT = 2  # exit status for bad input, whichever command reads it
+
+
 class ConfigError(ValueError):
     """A bad recipe or override; ``str(err)`` is the one-line message for the user."""
 

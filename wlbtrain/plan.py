@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from wlbtrain.config import EXIT_BAD_INPUT
 from wlbtrain.data.cost import CostModel, imbalance
 from wlbtrain.data.packing import PACKINGS, make_packer, max_piece_for
 from wlbtrain.data.stream import DocumentStream
 
-EXIT_BAD_INPUT = 2
 DEFAULT_STEPS = 100
 # Without a recipe the cost model uses the paper's 7B-128K layout (Llama-2-7B shape, TP8 CP2 PP4,
 # 4 micro-batches per global batch); a recipe or overrides replace any of it.
