@@ -335,6 +335,10 @@ def train(cfg: Config) -> None:
     trainer = Trainer(cfg)
     try:
         trainer.run()
+        if dist.is_initialized():
+            # The last collective may be a broadcast rank 0 has sent but a peer not yet read;
+            # tearing the group down under it aborts the process (seen with gloo).
+            dist.barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
