@@ -4,13 +4,15 @@
     python scripts/bench_packing.py [--steps 500] [--seed 0] [--doclens DIR] [--only fig3|wiki]
 
 For each document-length file (seeded shuffle, streamed as the loader does, documents longer
-than a micro-batch split) and each layout (7B-128K: 4 micro-batches per global batch, TP8 CP2
+than the context split) and each layout (7B-128K: 4 micro-batches per global batch, TP8 CP2
 PP4; 550M-64K: 8 micro-batches, TP2 CP2 PP4 DP2), it plans ``--steps`` global batches with every
 packer and prints one markdown table per file: imbalance of the estimated micro-batch cost
 (mean / p90 / max of max÷mean per step), planning time per global batch (median / mean / p99:
 the fixed packer plans a whole window at once), token delay in steps (token-weighted mean, max),
 tokens per step relative to n × context, and the estimated speedup over plain packing
 (Σ over steps of the busiest micro-batch, per token). Costs come from the FLOP-count cost model.
+wlb runs with its micro-batch cap (``data.max_tokens_per_micro_batch``) at 1, 1.25 and 1.5 × the
+context: room beside a long document for short ones, bought with activation memory.
 """
 
 from __future__ import annotations
@@ -47,14 +49,19 @@ LAYOUTS = {
                      parallel=SimpleNamespace(tp=2, cp=2, pp=4, dp=2), context=65536, n_micro=8),
 }
 
-# (label, packing, options); thresholds are fractions of the micro-batch limit
+# (label, packing, options); thresholds are fractions of the context; "cap" is the wlb
+# micro-batch limit (max_tokens_per_micro_batch) as a multiple of the context
 VARIANTS = [
     ("plain", "plain", {}),
     ("fixed, window 1", "fixed", {"fixed_window": 1}),
     ("fixed, window 8", "fixed", {"fixed_window": 8}),
-    ("wlb (greedy, 2 queues)", "wlb", {"refine": False}),
-    ("wlb + refine (2 queues)", "wlb", {"refine": True}),
-    ("wlb + refine (3 queues)", "wlb", {"refine": True, "thresholds": (0.25, 0.5, 0.75)}),
+    ("wlb (greedy), cap 1.0", "wlb", {"refine": False}),
+    ("wlb + refine, cap 1.0", "wlb", {"refine": True}),
+    ("wlb + refine, 3 queues, cap 1.0", "wlb", {"refine": True, "thresholds": (0.25, 0.5, 0.75)}),
+    ("wlb (greedy), cap 1.25", "wlb", {"refine": False, "cap": 1.25}),
+    ("wlb + refine, cap 1.25", "wlb", {"refine": True, "cap": 1.25}),
+    ("wlb + refine, cap 1.5, queues at 0.2/0.6", "wlb",
+     {"refine": True, "cap": 1.5, "thresholds": (0.2, 0.6)}),
 ]
 
 
@@ -72,8 +79,9 @@ def run(lengths, layout, packing, options, steps, seed):
     options = dict(options)
     if "thresholds" in options:
         options["outlier_thresholds"] = [int(f * ctx) for f in options.pop("thresholds")]
-    stream = DocumentStream(lengths, seed, max_piece_for(packing, ctx, ctx), loop=True)
-    packer = make_packer(packing, context=ctx, max_tokens_per_micro_batch=ctx, n_micro_batches=n,
+    cap = int(ctx * options.pop("cap", 1.0))
+    stream = DocumentStream(lengths, seed, max_piece_for(packing, ctx, cap), loop=True)
+    packer = make_packer(packing, context=ctx, max_tokens_per_micro_batch=cap, n_micro_batches=n,
                          cost_model=cost, **options)
     return simulate(packer, stream, steps, cost)
 
@@ -101,7 +109,7 @@ def table(name, lengths, steps, seed) -> str:
         for label, packing, options in VARIANTS:
             result = run(lengths, layout, packing, options, steps, seed)
             s = result.summary(layout["n_micro"], layout["context"])
-            if label == "wlb + refine (2 queues)":
+            if label.startswith("wlb (greedy)"):
                 ctx = layout["context"]
                 notes.append(f"- {lname}, {label}: {by_step_kind(result, [ctx // 4, ctx // 2])}")
             base = base or s["s_per_mtoken"]

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from wlbtrain.data.cost import CostModel, imbalance
-from wlbtrain.data.packing import (OutlierQueue, default_outlier_thresholds, greedy_pack,
+from wlbtrain.data.packing import (OutlierQueue, balance_ranks, deal_by_tokens,
+                                   default_outlier_thresholds, greedy_pack,
                                    make_packer, max_piece_for, rank_balanced_order, refine_plan)
 from wlbtrain.data.stream import DocumentStream
 
@@ -21,6 +22,9 @@ VARIANTS = {
     "fixed-window-3": ("fixed", {"fixed_window": 3}),
     "wlb": ("wlb", {"refine": False}),
     "wlb-refine": ("wlb", {"refine": True}),
+    # balancing the sums of 2 DP ranks' micro-batches, as without a pipeline
+    "wlb-ranks": ("wlb", {"refine": False, "ranks": 2}),
+    "wlb-ranks-refine": ("wlb", {"refine": True, "ranks": 2}),
 }
 
 
@@ -122,11 +126,16 @@ def test_micro_batch_limits(variant):
 
 def test_pieces_never_exceed_the_stream_limit():
     lengths = np.array([10 * CONTEXT, 5, CONTEXT + 1])
-    assert max_piece_for("wlb", CONTEXT, 6000) == 6000
-    assert max_piece_for("plain", CONTEXT, 6000) == CONTEXT
-    assert max_piece_for("fixed", CONTEXT, 6000) == CONTEXT
+    assert max_piece_for("wlb", CONTEXT, 3000) == 3000
+    assert max_piece_for("plain", CONTEXT, 3000) == CONTEXT
+    assert max_piece_for("fixed", CONTEXT, 3000) == CONTEXT
+    plans, _ = run_epoch("wlb", lengths, max_tokens=3000)
+    assert max(p[2] for plan in plans for mb in plan for p in mb) <= 3000
+    # a cap above the context adds room beside long documents, not longer attention spans
+    assert max_piece_for("wlb", CONTEXT, 6000) == CONTEXT
     plans, _ = run_epoch("wlb", lengths, max_tokens=6000)
-    assert max(p[2] for plan in plans for mb in plan for p in mb) <= 6000
+    assert max(p[2] for plan in plans for mb in plan for p in mb) == CONTEXT
+    assert max(sum(p[2] for p in mb) for plan in plans for mb in plan) <= 6000
 
 
 def test_wlb_balances_a_long_tail_better_than_plain():
@@ -307,3 +316,62 @@ def test_no_dp_rank_gets_the_heavy_micro_batches(variant):
     ratio, heaviest_first = rank_imbalance_and_first(variant)
     assert ratio <= plain + 0.01
     assert heaviest_first < 0.5
+
+
+def rank_balance_and_delay(options, max_tokens, steps=200, ranks=2):
+    """Mean imbalance of the DP ranks' summed costs, and mean token delay, of a long run."""
+    stream = DocumentStream(long_tail_lengths(seed=11), 0, CONTEXT, loop=True)
+    packer = make_packer("wlb", context=CONTEXT, max_tokens_per_micro_batch=max_tokens,
+                         n_micro_batches=N_MICRO, cost_model=COST, **options)
+    ratios, delays, weights = [], [], []
+    for _ in range(steps):
+        plan = packer.pack(stream)
+        sums = np.array([COST.micro_batch_cost(p[2] for p in mb) for mb in plan])
+        sums = sums.reshape(ranks, -1).sum(axis=1)
+        ratios.append(sums.max() / sums.mean())
+        delays += [d for mb in packer.last_delays for d in mb]
+        weights += [p[2] for mb in plan for p in mb]
+    return float(np.mean(ratios)), float(np.average(delays, weights=weights))
+
+
+@pytest.mark.parametrize("refine", [False, True])
+def test_balancing_ranks_beats_balancing_micro_batches_without_a_pipeline(refine):
+    # Room beside long documents (a cap above the context) is what lets a rank even out.
+    cap = CONTEXT * 5 // 4
+    by_micro = rank_balance_and_delay({"refine": refine}, cap)
+    by_rank = rank_balance_and_delay({"refine": refine, "ranks": 2}, cap)
+    assert by_rank[0] < by_micro[0], (by_rank, by_micro)
+    assert by_rank[1] < by_micro[1] / 2, (by_rank, by_micro)  # groups of 2 fill faster than of 4
+
+
+def test_one_rank_delays_no_outlier():
+    stream, packer = build("wlb", long_tail_lengths(seed=3), loop=True)
+    packer = make_packer("wlb", context=CONTEXT, n_micro_batches=N_MICRO, cost_model=COST,
+                         refine=False, ranks=1)
+    for _ in range(50):
+        plan = packer.pack(stream)
+        assert all(len(q) == 0 for q in packer.queues)
+        for mb, delays in zip(plan, packer.last_delays):  # at most carried over once, when full
+            assert all(d <= 1 for p, d in zip(mb, delays) if p[2] >= packer.thresholds[0])
+
+
+def test_deal_by_tokens_keeps_every_micro_batch_within_its_limit():
+    items = [(i, 0, n, 0) for i, n in enumerate([900, 700, 600, 500, 400, 300, 200])]
+    micro_batches, spilled = deal_by_tokens(items, 3, 1000)
+    assert all(sum(it[2] for it in mb) <= 1000 for mb in micro_batches)
+    placed = sorted(it for mb in micro_batches for it in mb) + spilled
+    assert sorted(placed) == sorted(items)
+    room = [1000 - sum(it[2] for it in mb) for mb in micro_batches]
+    assert spilled and all(it[2] > max(room) for it in spilled)  # only what had no room
+    assert deal_by_tokens([(0, 0, 5, 0)], 2, 4) == ([[], []], [(0, 0, 5, 0)])
+
+
+def test_balance_setting_follows_the_pipeline():
+    assert balance_ranks("auto", dp=4, pp=1) == 4
+    assert balance_ranks("auto", dp=4, pp=2) is None
+    assert balance_ranks("micro_batches", dp=4, pp=1) is None
+    assert balance_ranks("ranks", dp=2, pp=4) == 2
+    with pytest.raises(ValueError):
+        balance_ranks("tokens", dp=1, pp=1)
+    with pytest.raises(ValueError, match="must divide"):
+        make_packer("wlb", context=CONTEXT, n_micro_batches=4, cost_model=COST, ranks=3)

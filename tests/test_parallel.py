@@ -20,7 +20,9 @@ TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads
 # (overrides, description, processes); each keeps dp × micro_batches = 4 micro-batches per step
 LAYOUTS = [
     (["parallel.dp=2", "train.micro_batches=2"], "FSDP over 2 ranks", 2),
-    (["parallel.dp=2", "train.micro_batches=2", "data.packing=wlb"], "FSDP, wlb packing", 2),
+    # balancing micro-batches plans the same for any dp (balancing ranks would not)
+    (["parallel.dp=2", "train.micro_batches=2", "data.packing=wlb", "data.balance=micro_batches"],
+     "FSDP, wlb packing", 2),
 ]
 
 

@@ -65,6 +65,9 @@ class DataConfig:
     outlier_thresholds: Optional[list[int]] = None  # wlb delay-queue thresholds; default: tuned
     fixed_window: int = 1  # global batches the fixed packer balances over
     refine: bool = True  # wlb: local search after the greedy
+    # wlb: what waits for what. micro_batches: a pipeline waits for its slowest micro-batch;
+    # ranks: without one, DP ranks wait for the rank with the most work; auto: ranks when pp=1
+    balance: Literal["auto", "micro_batches", "ranks"] = "auto"
     cost_profile: Optional[str] = None  # JSON from scripts/profile_cost.py; default: FLOP model
 
     def validate(self) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 
 from wlbtrain.config import EXIT_BAD_INPUT
 from wlbtrain.data.cost import CostModel, imbalance
-from wlbtrain.data.packing import PACKINGS, make_packer, max_piece_for
+from wlbtrain.data.packing import PACKINGS, balance_ranks, make_packer, max_piece_for
 from wlbtrain.data.stream import DocumentStream
 
 DEFAULT_STEPS = 100
@@ -50,6 +50,10 @@ class StepResult:
     def imbalance(self) -> float:
         return imbalance(self.costs)
 
+    def rank_imbalance(self, ranks: int) -> float:
+        """Over the DP ranks' summed micro-batch costs (rank r trains a contiguous slice)."""
+        return imbalance(np.asarray(self.costs).reshape(ranks, -1).sum(axis=1))
+
 
 @dataclass
 class PackerRun:
@@ -57,8 +61,8 @@ class PackerRun:
     steps: list[StepResult] = field(default_factory=list)
     pending: list = field(default_factory=list)
 
-    def summary(self, n_micro_batches: int, context: int) -> dict:
-        return summarize(self.steps, n_micro_batches, context)
+    def summary(self, n_micro_batches: int, context: int, ranks: int = 1) -> dict:
+        return summarize(self.steps, n_micro_batches, context, ranks)
 
 
 def simulate(packer, stream, steps: int, cost_model: CostModel, name: str = "") -> PackerRun:
@@ -76,11 +80,13 @@ def simulate(packer, stream, steps: int, cost_model: CostModel, name: str = "") 
     return run
 
 
-def summarize(steps: list[StepResult], n_micro_batches: int, context: int) -> dict:
-    """Balance, planning time and token delay over the steps of one run."""
+def summarize(steps: list[StepResult], n_micro_batches: int, context: int, ranks: int = 1) -> dict:
+    """Balance, planning time and token delay over the steps of one run; with ranks > 1 also the
+    balance of the DP ranks' summed work, what a step without a pipeline waits for."""
     if not steps:
         return {"steps": 0}
     imb = np.array([s.imbalance for s in steps])
+    rank_imb = np.array([s.rank_imbalance(ranks) for s in steps])
     delays = np.array([d for s in steps for mb in s.delays for d in mb], dtype=np.float64)
     weights = np.array([p[2] for s in steps for mb in s.plan for p in mb], dtype=np.float64)
     ms = np.array([s.pack_ms for s in steps])
@@ -90,6 +96,7 @@ def summarize(steps: list[StepResult], n_micro_batches: int, context: int) -> di
         "imbalance_mean": round(float(imb.mean()), 4),
         "imbalance_p90": round(float(np.percentile(imb, 90)), 4),
         "imbalance_max": round(float(imb.max()), 4),
+        "rank_imbalance_mean": round(float(rank_imb.mean()), 4),
         "pack_ms_median": round(float(np.median(ms)), 3),
         "pack_ms_mean": round(float(ms.mean()), 3),
         "pack_ms_p99": round(float(np.percentile(ms, 99)), 3),
@@ -190,7 +197,8 @@ def variants(cfg, packing_given: bool, json_mode: bool) -> list[Variant]:
     """The recipe's packer for --json or --packing; every packer for the table."""
     d = cfg.data
     own = {"outlier_thresholds": d.outlier_thresholds, "fixed_window": d.fixed_window,
-           "refine": d.refine}
+           "refine": d.refine,
+           "ranks": balance_ranks(d.balance, cfg.parallel.data_parallel(None), cfg.parallel.pp)}
     if json_mode or packing_given:
         label = f"fixed (window {d.fixed_window})" if d.packing == "fixed" else d.packing
         return [Variant(label, d.packing, own)]
@@ -219,20 +227,22 @@ def to_json(run: PackerRun, cfg) -> dict:
                        "micro_batches": [{"docs": [list(p) for p in mb]} for mb in s.plan]}
                       for i, s in enumerate(run.steps)],
             "pending": [list(p) for p in run.pending],
-            "summary": run.summary(n_micro, cfg.data.context)}
+            "summary": run.summary(n_micro, cfg.data.context, cfg.parallel.data_parallel(None))}
 
 
 def format_table(runs: list[PackerRun], cfg, cost_model: CostModel, source: str) -> str:
-    d, n_micro = cfg.data, cfg.parallel.data_parallel(None) * cfg.train.micro_batches
+    dp = cfg.parallel.data_parallel(None)
+    d, n_micro = cfg.data, dp * cfg.train.micro_batches
     cross = cost_model.crossover_length()
     lines = [f"{source}: {n_micro} micro-batches per step (dp {cfg.parallel.data_parallel(None)} × "
              f"{cfg.train.micro_batches}), context {d.context}, wlb up to "
              f"{d.max_tokens_per_micro_batch} tokens; attention costs as much as the rest at "
              f"{cross / 1024:.1f}K-token documents",
              f"{'packing':<20} {'steps':>5}  {'imbalance mean':>14} {'p90':>6} {'max':>6}  "
-             f"{'pack ms med':>11} {'mean':>6}  {'delay mean':>10} {'max':>4}  {'tokens/step':>11}"]
+             f"{'pack ms med':>11} {'mean':>6}  {'delay mean':>10} {'max':>4}  {'tokens/step':>11}"
+             + (f"  {'rank imbalance':>14}" if dp > 1 else "")]
     for run in runs:
-        s = run.summary(n_micro, d.context)
+        s = run.summary(n_micro, d.context, dp)
         if not s["steps"]:
             lines.append(f"{run.name:<20} {0:>5}  (no documents)")
             continue
@@ -240,10 +250,13 @@ def format_table(runs: list[PackerRun], cfg, cost_model: CostModel, source: str)
                      f"{s['imbalance_p90']:>6.3f} {s['imbalance_max']:>6.3f}  "
                      f"{s['pack_ms_median']:>11.2f} {s['pack_ms_mean']:>6.2f}  "
                      f"{s['token_delay_mean']:>10.2f} "
-                     f"{s['token_delay_max']:>4}  {s['fill'] * 100:>10.1f}%")
+                     f"{s['token_delay_max']:>4}  {s['fill'] * 100:>10.1f}%"
+                     + (f"  {s['rank_imbalance_mean']:>14.3f}" if dp > 1 else ""))
     lines.append("imbalance = max / mean estimated cost of a step's micro-batches; pack ms per "
                  "global batch; delay = steps a token waited (mean token-weighted); tokens/step "
-                 "relative to n × context")
+                 "relative to n × context"
+                 + ("; rank imbalance = the same over the DP ranks' summed micro-batches, what "
+                    "a step without a pipeline waits for" if dp > 1 else ""))
     return "\n".join(lines)
 
 

@@ -26,7 +26,7 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError
 from .data.batch import build_micro_batch, num_targets
 from .data.cost import CostModel, imbalance
-from .data.packing import make_packer, max_piece_for
+from .data.packing import balance_ranks, make_packer, max_piece_for
 from .data.store import TokenStore, open_source
 from .data.stream import DocumentStream
 from .metrics import MetricsLogger, device_peak_tflops, peak_memory_gib
@@ -206,7 +206,8 @@ class Trainer:
         max_piece = max_piece_for(d.packing, d.context, d.max_tokens_per_micro_batch)
         stream = DocumentStream(self.store.doc_lengths, self.cfg.train.seed, max_piece)
         options = {"outlier_thresholds": d.outlier_thresholds, "fixed_window": d.fixed_window,
-                   "refine": d.refine}
+                   "refine": d.refine,
+                   "ranks": balance_ranks(d.balance, self.dims.dp, self.dims.pp)}
         packer = make_packer(d.packing, context=d.context,
                              max_tokens_per_micro_batch=d.max_tokens_per_micro_batch,
                              n_micro_batches=self.n_micro, cost_model=self.cost_model, **options)

@@ -43,26 +43,38 @@ Piece = tuple[int, int, int]  # (doc_id, start, length)
 Item = tuple[int, int, int, int]
 
 PACKINGS = ("plain", "fixed", "wlb")
-# wlb outlier thresholds as fractions of max_tokens; see default_outlier_thresholds.
+# wlb outlier thresholds as fractions of the longest piece; see default_outlier_thresholds.
 DEFAULT_THRESHOLD_FRACTIONS = (0.25, 0.5)
 
 
-
 def max_piece_for(packing: str, context: int, max_tokens_per_micro_batch: int) -> int:
-    """The longest piece the stream may emit: what one micro-batch of this packing can hold."""
+    """The longest piece the stream may emit: never longer than the context window the model
+    trains on, and for wlb never longer than one of its micro-batches holds. A wlb cap above the
+    context lets a micro-batch add short documents beside a long one; it does not lengthen
+    the attention span."""
     _check_packing(packing)
-    return max_tokens_per_micro_batch if packing == "wlb" else context
+    return min(context, max_tokens_per_micro_batch) if packing == "wlb" else context
 
 
-def default_outlier_thresholds(max_tokens: int) -> list[int]:
-    """Two delay queues, at 1/4 and 1/2 of the micro-batch limit.
+def default_outlier_thresholds(max_piece: int) -> list[int]:
+    """Two delay queues, at 1/4 and 1/2 of the longest piece (``max_piece_for``).
 
     Tuned on the doclens samples (see BENCHMARKS.md, "Packing balance"): a queue adds about
     (mean length of its pieces) / (2 · context) steps of average token delay whatever its
-    threshold, so two queues stay under half a step, while below max_tokens/4 the greedy balances
-    pieces well by itself.
+    threshold, so two queues stay under half a step, while below a quarter of the longest piece
+    the greedy balances pieces well by itself.
     """
-    return sorted({max(1, int(max_tokens * f)) for f in DEFAULT_THRESHOLD_FRACTIONS})
+    return sorted({max(1, int(max_piece * f)) for f in DEFAULT_THRESHOLD_FRACTIONS})
+
+
+def balance_ranks(balance: str, dp: int, pp: int) -> Optional[int]:
+    """``data.balance`` as make_packer's ``ranks`` option: None to balance micro-batches (what a
+    pipeline waits for), else the number of DP ranks whose summed work is balanced."""
+    if balance not in ("auto", "micro_batches", "ranks"):
+        raise ValueError(f"balance {balance!r}: expected auto, micro_batches or ranks")
+    if balance == "micro_batches" or (balance == "auto" and pp > 1):
+        return None
+    return dp
 
 
 def make_packer(packing: str, *, context: int, max_tokens_per_micro_batch: int | None = None,
@@ -71,10 +83,12 @@ def make_packer(packing: str, *, context: int, max_tokens_per_micro_batch: int |
 
     options (each ignored by packers it does not concern): outlier_thresholds (list[int] or None:
     tuned default), refine (bool, default True), refine_moves (int), max_carry (tokens refine
-    may hold back per step; default: context), fixed_window (int, default 1).
+    may hold back per step; default: context), fixed_window (int, default 1), ranks (wlb: None
+    balances micro-batches, for a pipeline; an int balances the sums of that many DP ranks'
+    micro-batches, for data parallelism without a pipeline).
     """
     _check_packing(packing)
-    known = {"outlier_thresholds", "refine", "refine_moves", "max_carry", "fixed_window"}
+    known = {"outlier_thresholds", "refine", "refine_moves", "max_carry", "fixed_window", "ranks"}
     unknown = set(options) - known
     if unknown:
         raise ValueError(f"unknown packer option(s) {', '.join(sorted(unknown))}; "
@@ -91,7 +105,7 @@ def make_packer(packing: str, *, context: int, max_tokens_per_micro_batch: int |
                      thresholds=options.get("outlier_thresholds"),
                      refine=True if options.get("refine") is None else options["refine"],
                      refine_moves=options.get("refine_moves", DEFAULT_REFINE_MOVES),
-                     max_carry=options.get("max_carry"))
+                     max_carry=options.get("max_carry"), ranks=options.get("ranks"))
 
 
 def _check_packing(packing: str) -> None:
@@ -361,20 +375,35 @@ class OutlierQueue:
 
 
 class WlbPacker(Packer):
-    """Variable-length packing with outlier delay (WLB-LLM), optionally refined by local search."""
+    """Variable-length packing with outlier delay (WLB-LLM), optionally refined by local search.
+
+    What it balances depends on what waits for what. In a pipeline every micro-batch is a unit
+    (``ranks=None``): the slowest one sets the pace. Without a pipeline a DP rank runs its
+    micro-batches back to back and the ranks meet at the gradient reduction, so the unit is a
+    rank (``ranks=dp``): its micro-batches together, up to micro_batches × max_tokens tokens,
+    then dealt into micro-batches by tokens. Outlier groups then need one piece per rank, not
+    per micro-batch, and fill dp× faster; with one rank nothing waits at all.
+    """
 
     name = "wlb"
 
     def __init__(self, n_micro_batches: int, cost_model: CostModel, context: int, max_tokens: int,
                  thresholds: Optional[list[int]] = None, refine: bool = True,
-                 refine_moves: int = DEFAULT_REFINE_MOVES, max_carry: Optional[int] = None):
+                 refine_moves: int = DEFAULT_REFINE_MOVES, max_carry: Optional[int] = None,
+                 ranks: Optional[int] = None):
         super().__init__(n_micro_batches, cost_model)
         if max_tokens <= 0:
             raise ValueError(f"max_tokens_per_micro_batch must be positive, got {max_tokens}")
+        if ranks is not None and (ranks <= 0 or n_micro_batches % ranks):
+            raise ValueError(f"ranks ({ranks}) must divide the {n_micro_batches} micro-batches")
+        self.ranks = ranks
+        # balance units (micro-batches, or ranks) and the tokens each holds
+        self.units = ranks or n_micro_batches
+        self.unit_tokens = max_tokens * (n_micro_batches // self.units)
         self.context = context
         self.max_tokens = max_tokens
         self.thresholds = sorted(thresholds) if thresholds is not None \
-            else default_outlier_thresholds(max_tokens)
+            else default_outlier_thresholds(min(context, max_tokens))
         if any(t <= 0 for t in self.thresholds):
             raise ValueError(f"outlier thresholds must be positive, got {self.thresholds}")
         bounds = self.thresholds + [np.iinfo(np.int64).max]
@@ -392,19 +421,28 @@ class WlbPacker(Packer):
         groups, pool = self._gather(stream)
         if not groups and not pool:
             return None
-        n, cap, cm = self.n_micro_batches, self.max_tokens, self.cost_model
-        bins, returned = place_outlier_groups(groups, n, cap, cm)
+        units, cap, cm = self.units, self.unit_tokens, self.cost_model
+        bins, returned = place_outlier_groups(groups, units, cap, cm)
         for item in reversed(returned):  # back to the head of its queue: FIFO order kept
             self._queue_for(item[2]).items.appendleft(item)
         # Carried pieces first, whatever their length: otherwise the same short pieces lose to
         # fresh longer ones step after step and their delay grows without bound. Refine holds
         # back only fresh pieces, so nothing starves there either.
-        bins, left = greedy_pack(pool, n, cap, cm, bins=bins, first=lambda it: it[3] < self.step)
+        bins, left = greedy_pack(pool, units, cap, cm, bins=bins, first=lambda it: it[3] < self.step)
         if self.refine:
             bins, left = refine_plan(bins, left, cap, cm, max_moves=self.refine_moves,
                                      max_carry=self.max_carry, may_hold=self._may_hold)
+        if self.ranks is None:
+            plan = [bins[i] for i in rank_balanced_order(_costs(bins, cm))]
+        else:  # rank-major, as the trainer deals them: rank r trains micro-batches r·k .. r·k+k-1
+            plan = []
+            for rank_items in bins:
+                micro_batches, spilled = deal_by_tokens(rank_items, self.n_micro_batches // units,
+                                                        self.max_tokens)
+                plan += micro_batches
+                left += spilled
         self.carry = left
-        return [bins[i] for i in rank_balanced_order(_costs(bins, cm))]
+        return plan
 
     def _may_hold(self, item: Item) -> bool:
         # Only fresh pieces below the outlier thresholds: a held piece waits one step, and an
@@ -419,8 +457,8 @@ class WlbPacker(Packer):
         self.carry = []
         tokens = _tokens(pool)
         for queue in self.queues:  # full queues from earlier steps go first
-            while len(queue) >= self.n_micro_batches and tokens < self.budget:
-                groups.append(queue.release(self.n_micro_batches))
+            while len(queue) >= self.units and tokens < self.budget:
+                groups.append(queue.release(self.units))
                 tokens += _tokens(groups[-1])
         exhausted = False
         while tokens < self.budget:
@@ -436,13 +474,13 @@ class WlbPacker(Packer):
             queue.items.append(item)
             # A queue that fills releases at once, even past the budget: the short pieces it
             # pushes out wait one step instead of the whole group.
-            if len(queue) >= self.n_micro_batches:
-                groups.append(queue.release(self.n_micro_batches))
+            if len(queue) >= self.units:
+                groups.append(queue.release(self.units))
                 tokens += _tokens(groups[-1])
         if exhausted:  # no more pieces will come to fill the queues: flush them
             for queue in self.queues:
                 while len(queue):
-                    groups.append(queue.release(self.n_micro_batches))
+                    groups.append(queue.release(self.units))
         return groups, pool
 
     def _queue_for(self, length: int) -> Optional[OutlierQueue]:
@@ -455,7 +493,8 @@ class WlbPacker(Packer):
         return list(self.carry) + [item for q in self.queues for item in q.items]
 
     def _state(self):
-        return {"thresholds": list(self.thresholds), "carry": [list(i) for i in self.carry],
+        return {"thresholds": list(self.thresholds), "ranks": self.ranks,
+                "carry": [list(i) for i in self.carry],
                 "queues": [[list(i) for i in q.items] for q in self.queues]}
 
     def _load(self, state):
@@ -467,11 +506,30 @@ class WlbPacker(Packer):
             queue.items = deque(_items(items))
 
 
+def deal_by_tokens(items: list[Item], k: int, capacity: int) -> tuple[list[list[Item]], list[Item]]:
+    """Deal one rank's pieces into k micro-batches of at most ``capacity`` tokens: longest first
+    onto the micro-batch with the fewest tokens (even memory), else onto any with room. Their
+    costs need no balance, the rank runs them back to back. Returns (micro-batches, pieces no
+    micro-batch had room for, which are carried over)."""
+    micro_batches: list[list[Item]] = [[] for _ in range(k)]
+    tokens = [0] * k
+    spilled: list[Item] = []
+    for item in sorted(items, key=_longest_first):
+        order = sorted(range(k), key=lambda b: (tokens[b], b))
+        b = next((b for b in order if tokens[b] + item[2] <= capacity), None)
+        if b is None:
+            spilled.append(item)
+            continue
+        micro_batches[b].append(item)
+        tokens[b] += item[2]
+    return micro_batches, spilled
+
+
 def place_outlier_groups(groups: list[list[Item]], n: int, capacity: int, cost_model: CostModel
                          ) -> tuple[list[list[Item]], list[Item]]:
-    """Released outliers go one per micro-batch: each group's longest onto the least-loaded.
+    """Released outliers go one per balance unit: each group's longest onto the least-loaded.
 
-    A piece that does not fit its micro-batch is returned (it rejoins its queue rather than
+    A piece that does not fit its unit is returned (it rejoins its queue rather than
     being carried alone into a step without similar outliers). Returns (bins, returned).
     """
     bins: list[list[Item]] = [[] for _ in range(n)]
