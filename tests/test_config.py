@@ -14,6 +14,8 @@ BAD_OVERRIDES = [
     (["model.n_kv_heads=3"], "model.n_kv_heads"),
     (["model.dim=100"], "model.dim"),
     (["data.packing=greedy"], "data.packing"),
+    (["data.balance=tokens"], "data.balance"),
+    (["data.balance=ranks", "parallel.pp=2"], "data.balance"),
     (["data.source=/no/such/store"], "data.source"),
     (["data.tokenizer=/no/tokenizer.json"], "data.tokenizer"),
     (["checkpoint.resume=/no/such/ckpt"], "checkpoint.resume"),

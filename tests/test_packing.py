@@ -366,11 +366,12 @@ def test_deal_by_tokens_keeps_every_micro_batch_within_its_limit():
     assert deal_by_tokens([(0, 0, 5, 0)], 2, 4) == ([[], []], [(0, 0, 5, 0)])
 
 
-def test_balance_setting_follows_the_pipeline():
-    assert balance_ranks("auto", dp=4, pp=1) == 4
-    assert balance_ranks("auto", dp=4, pp=2) is None
+def test_balance_setting():
     assert balance_ranks("micro_batches", dp=4, pp=1) is None
-    assert balance_ranks("ranks", dp=2, pp=4) == 2
+    assert balance_ranks("micro_batches", dp=4, pp=2) is None
+    assert balance_ranks("ranks", dp=4, pp=1) == 4
+    with pytest.raises(ValueError, match="pipeline"):
+        balance_ranks("ranks", dp=2, pp=4)
     with pytest.raises(ValueError):
         balance_ranks("tokens", dp=1, pp=1)
     with pytest.raises(ValueError, match="must divide"):

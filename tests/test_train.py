@@ -74,9 +74,8 @@ def test_debug_recipe_learns_and_writes_its_files(tmp_path, cache_dir):
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, cache_dir, long_tail_store,
                                                 monkeypatch, packing):
     steps = ["train.steps=8", "checkpoint.every=4", "checkpoint.keep=3", f"data.packing={packing}"]
-    if packing == "wlb":  # documents held in delay queues across the checkpoint (one rank
-        # balancing its own sum would hold none)
-        steps += [f"data.source={long_tail_store}", "data.balance=micro_batches"]
+    if packing == "wlb":  # documents held in delay queues across the checkpoint
+        steps.append(f"data.source={long_tail_store}")
     plans_full = record_plans(monkeypatch)
     train(tiny(tmp_path / "full", cache_dir, *steps))
     full = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full")}

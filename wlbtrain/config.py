@@ -65,9 +65,9 @@ class DataConfig:
     outlier_thresholds: Optional[list[int]] = None  # wlb delay-queue thresholds; default: tuned
     fixed_window: int = 1  # global batches the fixed packer balances over
     refine: bool = True  # wlb: local search after the greedy
-    # wlb: what waits for what. micro_batches: a pipeline waits for its slowest micro-batch;
-    # ranks: without one, DP ranks wait for the rank with the most work; auto: ranks when pp=1
-    balance: Literal["auto", "micro_batches", "ranks"] = "auto"
+    # wlb: what to even out. micro_batches: what a pipeline waits for (its slowest one);
+    # ranks: without a pipeline (pp=1), the DP ranks' summed work, which they wait for
+    balance: Literal["micro_batches", "ranks"] = "micro_batches"
     cost_profile: Optional[str] = None  # JSON from scripts/profile_cost.py; default: FLOP model
 
     def validate(self) -> None:
@@ -177,6 +177,8 @@ class Config:
                  f"model.n_kv_heads ({model.n_kv_heads}), got {par.tp}")
         _require(model.n_layers % par.pp == 0, "parallel.pp",
                  f"a divisor of model.n_layers ({model.n_layers}), got {par.pp}")
+        _require(self.data.balance != "ranks" or par.pp == 1, "data.balance",
+                 "micro_batches with a pipeline (pp > 1): it waits for its slowest micro-batch")
         multiple = par.tp * 2 * par.cp if par.cp > 1 else par.tp
         _require(self.data.context % multiple == 0, "data.context",
                  f"a multiple of tp*2*cp ({multiple}) for sequence and context parallelism")

@@ -20,6 +20,7 @@ hand a step's micro-batches out in ``rank_balanced_order`` (never sorted by cost
   share a step with documents of similar length instead of stalling it alone. With ``refine`` a
   bounded local search (moves and swaps between micro-batches, short pieces held back from the
   most loaded ones or put in from the carry-over) then drives the step's imbalance towards 1.
+  Without a pipeline, ``ranks`` makes a DP rank's micro-batches together the unit it balances.
 
 Every piece a stream emits is trained exactly once: packers hold back pieces (the cut remainder,
 planned windows, queues, carry-over) only in their state, which ``state_dict`` saves with the
@@ -70,10 +71,13 @@ def default_outlier_thresholds(max_piece: int) -> list[int]:
 def balance_ranks(balance: str, dp: int, pp: int) -> Optional[int]:
     """``data.balance`` as make_packer's ``ranks`` option: None to balance micro-batches (what a
     pipeline waits for), else the number of DP ranks whose summed work is balanced."""
-    if balance not in ("auto", "micro_batches", "ranks"):
-        raise ValueError(f"balance {balance!r}: expected auto, micro_batches or ranks")
-    if balance == "micro_batches" or (balance == "auto" and pp > 1):
+    if balance not in ("micro_batches", "ranks"):
+        raise ValueError(f"balance {balance!r}: expected micro_batches or ranks")
+    if balance == "micro_batches":
         return None
+    if pp > 1:
+        raise ValueError("balance ranks is for layouts without a pipeline (pp = 1): a pipeline "
+                         "waits for its slowest micro-batch, use micro_batches")
     return dp
 
 
