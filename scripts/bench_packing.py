@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from wlbtrain.data.cost import CostModel  # noqa: E402
 from wlbtrain.metrics import device_name  # noqa: E402
-from wlbtrain.data.packing import make_packer, max_piece_for  # noqa: E402
+from wlbtrain.data.packing import default_outlier_thresholds, make_packer, max_piece_for  # noqa: E402
 from wlbtrain.data.stream import DocumentStream  # noqa: E402
 from wlbtrain.plan import simulate  # noqa: E402
 
@@ -110,8 +110,8 @@ def table(name, lengths, steps, seed) -> str:
             result = run(lengths, layout, packing, options, steps, seed)
             s = result.summary(layout["n_micro"], layout["context"])
             if label.startswith("wlb (greedy)"):
-                ctx = layout["context"]
-                notes.append(f"- {lname}, {label}: {by_step_kind(result, [ctx // 4, ctx // 2])}")
+                queues = default_outlier_thresholds(layout["context"])
+                notes.append(f"- {lname}, {label}: {by_step_kind(result, queues)}")
             base = base or s["s_per_mtoken"]
             rows.append(f"| {lname} | {label} | {s['imbalance_mean']:.3f} | {s['imbalance_p90']:.3f} "
                         f"| {s['imbalance_max']:.2f} | {s['pack_ms_median']:.1f} / "

@@ -345,7 +345,7 @@ def test_balancing_ranks_beats_balancing_micro_batches_without_a_pipeline(refine
 
 
 def test_one_rank_delays_no_outlier():
-    stream, packer = build("wlb", long_tail_lengths(seed=3), loop=True)
+    stream = DocumentStream(long_tail_lengths(seed=3), 0, CONTEXT, loop=True)
     packer = make_packer("wlb", context=CONTEXT, n_micro_batches=N_MICRO, cost_model=COST,
                          refine=False, ranks=1)
     for _ in range(50):
