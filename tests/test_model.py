@@ -3,14 +3,14 @@
 import torch
 
 from wlbtrain.config import ModelConfig
-from wlbtrain.models.attention import reference_attention
+from wlbtrain.models.attention import reference_attention, segment_attention
 from wlbtrain.models.llama import build_model, from_hf_state_dict, hf_state_dict, num_params
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=97)
 
 
 def make_model(seed=0):
-    model = build_model(CFG, reference_attention)
+    model = build_model(CFG)
     model.to_empty(device="cpu")
     model.init_weights(seed)
     return model
@@ -20,7 +20,7 @@ def run(model, docs):
     tokens = torch.cat(docs)
     positions = torch.cat([torch.arange(len(d)) for d in docs])
     cu = torch.tensor([0] + [len(d) for d in docs]).cumsum(0).to(torch.int32)
-    return model(tokens, positions, cu, max(len(d) for d in docs))
+    return model(tokens, positions, segment_attention(reference_attention, cu, max(map(len, docs))))
 
 
 def test_packed_equals_each_document_alone():
@@ -70,12 +70,36 @@ def test_chunked_loss_equals_full_cross_entropy(monkeypatch):
     labels[[8, 21]] = -100
     positions = torch.cat([torch.arange(len(d)) for d in docs])
     cu = torch.tensor([0, 9, 22], dtype=torch.int32)
-    loss = model(tokens, positions, cu, 13, labels=labels)
+    attention = segment_attention(reference_attention, cu, 13)
+    loss = model(tokens, positions, attention, labels=labels)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    full = F.cross_entropy(model(tokens, positions, cu, 13), labels, reduction="sum")
+    full = F.cross_entropy(model(tokens, positions, attention), labels, reduction="sum")
     full.backward()
     torch.testing.assert_close(loss, full)
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, msg=name)
+
+
+def test_pipeline_stages_hold_the_whole_models_weights_and_compose():
+    """Stages built with some layers each start from the whole model's weights (init keyed by
+    name) and, run one after another, give the whole model's logits."""
+    from wlbtrain.models.llama import Llama
+
+    whole = make_model(3)
+    stages = []
+    for ids, embed, head in (((0,), True, False), ((1,), False, True)):
+        with torch.device("meta"):
+            stage = Llama(CFG, ids, embed, head)
+        stage.to_empty(device="cpu")
+        stage.init_weights(3)
+        stages.append(stage)
+    for stage in stages:
+        for name, p in stage.named_parameters():
+            assert torch.equal(p, whole.get_parameter(name)), name
+    docs = [torch.randint(0, CFG.vocab_size, (n,)) for n in (5, 8)]
+    tokens, positions = torch.cat(docs), torch.cat([torch.arange(len(d)) for d in docs])
+    attention = segment_attention(reference_attention, torch.tensor([0, 5, 13], dtype=torch.int32), 8)
+    hidden = stages[0](tokens, positions, attention)
+    torch.testing.assert_close(stages[1](hidden, positions, attention), run(whole, docs))

@@ -94,13 +94,15 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     cp: int = 1
+    pp_virtual: int = 1  # model chunks per pipeline rank (interleaved 1F1B when > 1)
+    pp_schedule: Literal["1f1b", "interleaved_1f1b", "gpipe"] = "1f1b"
     cp_sharding: Literal["per_sequence", "per_document", "adaptive", "hybrid"] = "per_sequence"
     cp_attention: Literal["allgather", "ring"] = "allgather"
 
     def validate(self) -> None:
         _require(self.dp >= 1 or self.dp == -1, "parallel.dp",
                  "an integer >= 1, or -1 for all processes left by tp, pp and cp")
-        for key in ("tp", "pp", "cp"):
+        for key in ("tp", "pp", "cp", "pp_virtual"):
             _require(getattr(self, key) >= 1, f"parallel.{key}", "an integer >= 1")
 
     def data_parallel(self, world_size: int | None) -> int:
@@ -150,12 +152,17 @@ class CheckpointConfig:
     every: int = 100  # steps between checkpoints; 0: only at the end
     keep: int = 2  # newest checkpoints kept; older ones are deleted
     resume: str = "auto"  # auto (latest in out_dir, if any) | none | PATH to a step-<N> directory
+    # A Hugging Face LlamaForCausalLM safetensors directory a fresh run starts from
+    init_from: str = "none"
 
     def validate(self) -> None:
         _require(self.every >= 0, "checkpoint.every", "an integer >= 0")
         _require(self.keep >= 1, "checkpoint.keep", "an integer >= 1")
         if self.resume not in ("auto", "none"):
             _require_path(self.resume, "checkpoint.resume", "`auto`, `none` or a checkpoint directory")
+        if self.init_from != "none":
+            _require_path(self.init_from, "checkpoint.init_from",
+                          "`none` or a directory of Hugging Face Llama safetensors")
 
 
 @dataclass

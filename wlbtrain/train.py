@@ -30,7 +30,7 @@ from .data.packing import balance_ranks, make_packer, max_piece_for
 from .data.store import TokenStore, open_source
 from .data.stream import DocumentStream
 from .metrics import MetricsLogger, device_peak_tflops, peak_memory_gib
-from .models.attention import get_backend
+from .models.attention import get_backend, segment_attention
 from .models.llama import build_model, flops_per_step
 from .parallel.dims import ParallelDims, init_process_group, world_size_from_env
 from .parallel.fsdp import apply_fsdp
@@ -194,7 +194,8 @@ class Trainer:
                                f"{chosen[0]}: train.out_dir must be one shared directory")
 
     def _build_model(self) -> torch.nn.Module:
-        model = build_model(self.cfg.model, get_backend(self.place.attention))
+        self.kernel = get_backend(self.place.attention)
+        model = build_model(self.cfg.model)
         if self.dims.dp > 1:
             apply_fsdp(model, self.mesh["dp"], self.place.compute_dtype)
         model.to_empty(device=self.place.device)
@@ -240,8 +241,8 @@ class Trainer:
                 self.model.set_requires_gradient_sync(i == len(mine) - 1)
             batch = build_micro_batch(self.store, pieces).to(self.place.device)
             with self._autocast():
-                loss = self.model(batch.tokens, batch.positions, batch.cu_seqlens,
-                                  batch.max_seqlen, labels=batch.labels)
+                attention = segment_attention(self.kernel, batch.cu_seqlens, batch.max_seqlen)
+                loss = self.model(batch.tokens, batch.positions, attention, labels=batch.labels)
             (loss * scale).backward()
             loss_sum += loss.detach()
         grad_norm = self._clip_gradients()

@@ -5,6 +5,10 @@ segment lengths) and returns [T, Hq, D]; no token attends across a segment bound
 
 - ``reference``: pure torch, one causal SDPA call per segment. Exact and simple; the oracle.
 - ``triton``: the packed-document Triton kernel in ``wlbtrain.kernels``.
+
+The model does not see ``cu_seqlens``: each micro-batch hands it a ``LocalAttention``, a callable
+``(q, k, v) -> out`` over this rank's tokens that knows the micro-batch's segments (and, under
+context parallelism, how to reach the keys other ranks hold).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+LocalAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def reference_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
@@ -47,3 +52,9 @@ def get_backend(name: str) -> AttentionFn:
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose from {sorted(BACKENDS)}")
     return BACKENDS[name]
+
+
+def segment_attention(backend: AttentionFn, cu_seqlens: torch.Tensor,
+                      max_seqlen: int) -> LocalAttention:
+    """Attention within the segments ``cu_seqlens`` of one micro-batch held whole on this rank."""
+    return lambda q, k, v: backend(q, k, v, cu_seqlens, max_seqlen)

@@ -13,14 +13,18 @@ on weights that are about to be sharded or overwritten.
 from __future__ import annotations
 
 import math
+import zlib
+from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
-from .attention import AttentionFn, reference_attention
+from .attention import LocalAttention
 
 # Tokens per slice of the output head in the loss: bounds the fp32 logits held at once to
 # LOSS_CHUNK × vocab (a 128K-token micro-batch with a 32K vocabulary would need 16 GiB at once).
@@ -66,14 +70,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, attention_fn: AttentionFn):
+    def forward(self, x, cos, sin, attention: LocalAttention):
         T = x.shape[0]
         # -1 rather than n_heads: tensor parallelism leaves a slice of the heads on each rank.
         q = self.q_proj(x).view(T, -1, self.head_dim)
         k = self.k_proj(x).view(T, -1, self.head_dim)
         v = self.v_proj(x).view(T, -1, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = attention_fn(q, k, v, cu_seqlens, max_seqlen)
+        out = attention(q, k, v)
         return self.o_proj(out.reshape(T, -1))
 
 
@@ -96,42 +100,73 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, attention_fn):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen,
-                               attention_fn)
+    def forward(self, x, cos, sin, attention: LocalAttention):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Llama(nn.Module):
-    """tokens [T], positions [T], cu_seqlens [n+1] → logits [T, vocab_size]."""
+@dataclass(frozen=True)
+class ModelChunk:
+    """A contiguous run of decoder layers, the unit a pipeline schedule runs: with ``embed`` it
+    starts from tokens, with ``head`` it ends in the loss (or logits)."""
 
-    def __init__(self, cfg: ModelConfig, attention_fn: AttentionFn = reference_attention):
+    layers: tuple[int, ...]
+    embed: bool
+    head: bool
+
+
+class Llama(nn.Module):
+    """tokens [T], positions [T], attention → logits [T, vocab_size] (or the summed loss).
+
+    A pipeline stage builds the same class with only some of the layers (``layer_ids``) and
+    without the embedding or the head; parameter names stay those of the whole model.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_ids: Iterable[int] | None = None,
+                 embed: bool = True, head: bool = True):
         super().__init__()
         self.cfg = cfg
-        self.attention_fn = attention_fn
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        ids = range(cfg.n_layers) if layer_ids is None else layer_ids
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim) if embed else None
         # A dict keyed by the global layer index keeps parameter names stable when a pipeline
         # stage holds only some of the layers.
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in range(cfg.n_layers)})
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in ids})
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps) if head else None
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False) if head else None
 
-    def forward(self, tokens, positions, cu_seqlens, max_seqlen: int, labels=None):
-        """Logits [T, vocab]; or, given labels [T] (-100: no target), the summed token loss."""
+    def whole(self) -> ModelChunk:
+        """Everything this module holds, as one chunk."""
+        return ModelChunk(tuple(int(i) for i in self.layers), self.embed_tokens is not None,
+                          self.lm_head is not None)
+
+    def forward(self, inputs, positions, attention: LocalAttention, labels=None,
+                chunk: ModelChunk | None = None):
+        """Run ``chunk`` (default: everything held).
+
+        inputs: tokens [T] int64 when the chunk embeds, else hidden states [T, dim] (the local
+        sequence shard under sequence parallelism). Returns hidden states [T, dim] when the chunk
+        has no head; with a head, logits [T, vocab] or, given labels [T] (-100: no target), the
+        summed token loss.
+        """
+        chunk = chunk or self.whole()
         cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        x = self.embed_tokens(tokens)
-        for layer in self.layers.values():
-            x = layer(x, cos, sin, cu_seqlens, max_seqlen, self.attention_fn)
-        h = self.norm(x)
+        x = self.embed_tokens(inputs) if chunk.embed else inputs
+        for i in chunk.layers:
+            x = self.layers[str(i)](x, cos, sin, attention)
+        if not chunk.head:
+            return x
+        h = _replicate_tokens(self.norm(x))
         if labels is None:
             return self.lm_head(h)
-        total = h.new_zeros((), dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=labels.device)
         for h_part, labels_part in zip(h.split(LOSS_CHUNK), labels.split(LOSS_CHUNK)):
             # Recomputed in the backward, so no slice's logits outlive its own loss.
             total = total + checkpoint(self._loss_sum, h_part, labels_part, use_reentrant=False)
         return total
 
     def _loss_sum(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # Under tensor parallelism the logits are a DTensor sharded over the vocabulary and
+        # cross_entropy runs vocabulary-parallel (inside torch's loss_parallel context).
         return F.cross_entropy(self.lm_head(h).float(), labels, reduction="sum")
 
     @torch.no_grad()
@@ -139,39 +174,46 @@ class Llama(nn.Module):
         """Initialise in place (after ``to_empty``), identically under any sharding.
 
         Each parameter's full value is drawn on the CPU from a generator seeded by (seed, its
-        index), then the local shard is copied in: a sharded run starts from exactly the
-        weights of a single-device run.
+        name), then the local shard is copied in: a sharded run, or a pipeline stage holding
+        only some layers, starts from exactly the weights of a single-device run.
         """
         std = 0.02
         # Residual-branch outputs shrink with depth so the residual stream's variance stays put.
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        for index, (name, param) in enumerate(self.named_parameters()):
+        for name, param in self.named_parameters():
             shape = tuple(param.shape)
             if name.endswith("layernorm.weight") or name == "norm.weight":
                 full = torch.ones(shape)
             else:
-                gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
                 scale = out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
                 full = torch.randn(shape, generator=gen) * scale
             _copy_full(param, full)
 
 
+def _replicate_tokens(h: torch.Tensor) -> torch.Tensor:
+    """Under sequence parallelism the final norm's output is a DTensor sharded over tokens; the
+    vocabulary-parallel head needs every token on every rank (it is sliced for the loss)."""
+    if isinstance(h, DTensor):
+        return h.redistribute(h.device_mesh, [Replicate()] * h.device_mesh.ndim)
+    return h
+
+
 def _copy_full(param: torch.Tensor, full: torch.Tensor) -> None:
     """Copy a full CPU tensor into ``param``, which may be a sharded DTensor."""
-    try:
-        from torch.distributed.tensor import DTensor, distribute_tensor
-    except ImportError:  # pragma: no cover
-        DTensor = ()
     if isinstance(param, DTensor):
-        full = distribute_tensor(full.to(param.device), param.device_mesh, param.placements)
+        # Every rank holds the same full value: slice locally, no broadcast.
+        full = distribute_tensor(full.to(param.device), param.device_mesh, param.placements,
+                                 src_data_rank=None)
     param.copy_(full.to(param.dtype))
 
 
-def build_model(cfg: ModelConfig, attention_fn: AttentionFn) -> Llama:
-    """The model on the meta device: shapes only, no memory. Parallelise it, then
-    ``to_empty(device=...)`` and ``init_weights(seed)``."""
+def build_model(cfg: ModelConfig, layer_ids: Iterable[int] | None = None, embed: bool = True,
+                head: bool = True) -> Llama:
+    """The model (or a pipeline stage of it) on the meta device: shapes only, no memory.
+    Parallelise it, then ``to_empty(device=...)`` and ``init_weights(seed)``."""
     with torch.device("meta"):
-        return Llama(cfg, attention_fn)
+        return Llama(cfg, layer_ids, embed, head)
 
 
 def hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
