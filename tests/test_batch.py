@@ -56,3 +56,22 @@ def check_batch(batch, docs, seen):
         want = np.append(doc[start + 1:start + length + 1], [IGNORE] * 2)[:length]
         assert (labels[lo:hi] == want).all()
         seen[doc_id][start:start + length] += 1
+
+
+def test_padding_is_its_own_segment_without_labels(store):
+    import torch
+
+    from wlbtrain.data.batch import pad_micro_batch
+
+    store, _ = store
+    batch = build_micro_batch(store, [(0, 0, int(store.doc_lengths[0])), (1, 0, 3)])
+    padded = pad_micro_batch(batch, 8)
+    assert padded.num_padded_tokens % 8 == 0 and padded.num_padded_tokens - batch.num_tokens < 8
+    assert padded.num_tokens == batch.num_tokens
+    pad = padded.num_padding
+    if pad:
+        assert padded.cu_seqlens.tolist() == batch.cu_seqlens.tolist() + [padded.num_padded_tokens]
+        assert (padded.labels[-pad:] == IGNORE).all()
+        assert padded.positions[-pad:].tolist() == list(range(pad))
+    torch.testing.assert_close(padded.labels[:batch.num_tokens], batch.labels)
+    assert pad_micro_batch(batch, 1) is batch

@@ -59,6 +59,23 @@ def test_world_size_mismatch(monkeypatch, capsys, tmp_path):
     assert code == 2 and "number of processes" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("overrides,world,key", [
+    (["parallel.tp=2", "parallel.dp=1", "model.n_kv_heads=1"], 2, "model.n_kv_heads"),
+    (["parallel.tp=3", "parallel.dp=1", "model.n_heads=4", "model.n_kv_heads=2"], 3, "parallel.tp"),
+    (["parallel.tp=2", "parallel.dp=2"], 2, "number of processes"),
+    (["parallel.pp=2", "parallel.dp=1", "train.micro_batches=1"], 2, "train.micro_batches"),
+    (["parallel.pp=2", "parallel.pp_virtual=2", "parallel.dp=1"], 2, "parallel.pp_schedule"),
+    (["parallel.pp=4", "parallel.pp_virtual=2", "parallel.pp_schedule=interleaved_1f1b",
+      "parallel.dp=1", "train.micro_batches=4"], 4, "parallel.pp"),
+])
+def test_bad_layouts_exit_2_naming_the_key(monkeypatch, capsys, tmp_path, overrides, world, key):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    code = main(["train", "recipes/debug.yaml", *overrides, f"train.out_dir={tmp_path}/r",
+                 "--check"])
+    err = capsys.readouterr().err
+    assert code == 2 and key in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_overrides_parse_as_yaml_scalars():
     cfg = load_config("recipes/debug.yaml", ["train.lr=3e-4", "data.packing=wlb",
                                              "data.outlier_thresholds=[8192, 32768]"])

@@ -23,6 +23,13 @@ LAYOUTS = [
     # balancing micro-batches plans the same for any dp (balancing ranks would not)
     (["parallel.dp=2", "train.micro_batches=2", "data.packing=wlb", "data.balance=micro_batches"],
      "FSDP, wlb packing", 2),
+    (["parallel.dp=1", "parallel.tp=2", "train.micro_batches=4"], "TP 2", 2),
+    (["parallel.dp=1", "parallel.tp=2", "train.micro_batches=4", "data.packing=wlb"],
+     "TP 2, wlb packing", 2),
+    (["parallel.dp=2", "parallel.tp=2", "train.micro_batches=2"], "TP 2 x DP 2", 4),
+    # an odd context makes every plain micro-batch's token count odd: the padding path
+    (["parallel.dp=1", "parallel.tp=2", "train.micro_batches=4", "data.context=511"],
+     "TP 2, padded micro-batches", 2),
 ]
 
 
@@ -51,6 +58,7 @@ def run(out_dir, cache, overrides, nproc):
 def test_layout_matches_single_device(tmp_path, overrides, description, nproc):
     cache = tmp_path / "cache"
     single = [o for o in overrides if not o.startswith(("parallel.", "train.micro_batches"))]
+    single.append("parallel.dp=1")
     ref_loss, ref_weights = run(tmp_path / "single", cache, [*single, "train.micro_batches=4"], 1)
     loss, weights = run(tmp_path / "layout", cache, overrides, nproc)
     assert loss == pytest.approx(ref_loss, rel=1e-5), description

@@ -182,13 +182,27 @@ class Config:
         _require(model.n_heads % par.tp == 0 and kv_ok, "parallel.tp",
                  f"a divisor of model.n_heads ({model.n_heads}) that divides or is a multiple of "
                  f"model.n_kv_heads ({model.n_kv_heads}), got {par.tp}")
-        _require(model.n_layers % par.pp == 0, "parallel.pp",
-                 f"a divisor of model.n_layers ({model.n_layers}), got {par.pp}")
+        chunks = par.pp * par.pp_virtual
+        _require(model.n_layers >= chunks, "parallel.pp",
+                 f"pp × pp_virtual ({par.pp} × {par.pp_virtual}) pipeline chunks of at least one "
+                 f"of model.n_layers ({model.n_layers}) each")
         _require(self.data.balance != "ranks" or par.pp == 1, "data.balance",
                  "micro_batches with a pipeline (pp > 1): it waits for its slowest micro-batch")
-        multiple = par.tp * 2 * par.cp if par.cp > 1 else par.tp
-        _require(self.data.context % multiple == 0, "data.context",
-                 f"a multiple of tp*2*cp ({multiple}) for sequence and context parallelism")
+        self._validate_schedule()
+
+    def _validate_schedule(self) -> None:
+        par, micro = self.parallel, self.train.micro_batches
+        if par.pp_virtual > 1:
+            _require(par.pp_schedule == "interleaved_1f1b", "parallel.pp_schedule",
+                     f"interleaved_1f1b with parallel.pp_virtual > 1, got {par.pp_schedule}")
+        if par.pp_schedule == "interleaved_1f1b":
+            _require(par.pp_virtual > 1, "parallel.pp_virtual",
+                     "more than 1 model chunk per rank for interleaved_1f1b")
+            _require(micro % par.pp == 0, "train.micro_batches",
+                     f"a multiple of parallel.pp ({par.pp}) for interleaved_1f1b, got {micro}")
+        if par.pp > 1 and par.pp_schedule == "1f1b":
+            _require(micro >= par.pp, "train.micro_batches",
+                     f"at least parallel.pp ({par.pp}) for 1f1b, got {micro}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

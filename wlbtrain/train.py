@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import yaml
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError
-from .data.batch import build_micro_batch, num_targets
+from .data.batch import MicroBatch, build_micro_batch, num_targets, pad_micro_batch
 from .data.cost import CostModel, imbalance
 from .data.packing import balance_ranks, make_packer, max_piece_for
 from .data.store import TokenStore, open_source
@@ -34,6 +35,7 @@ from .models.attention import get_backend, segment_attention
 from .models.llama import build_model, flops_per_step
 from .parallel.dims import ParallelDims, init_process_group, world_size_from_env
 from .parallel.fsdp import apply_fsdp
+from .parallel.tensor import apply_tp, loss_context
 
 
 @dataclass
@@ -141,10 +143,12 @@ def preflight(cfg: Config) -> Preflight:
     if store.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size: expected at least the tokenizer's vocabulary "
                           f"({store.vocab_size}), got {cfg.model.vocab_size}")
-    dims = ParallelDims.from_config(cfg.parallel, world_size_from_env())
+    dims = ParallelDims.from_config(cfg, world_size_from_env())
     n_micro = dims.dp * cfg.train.micro_batches
-    return Preflight(place, store, dims, n_micro, ckpt.resume_point(cfg, n_micro),
-                     _cost_model(cfg))
+    resume_path = ckpt.resume_point(cfg, n_micro)
+    if resume_path is None:  # a resumed run has its weights; init_from only starts a fresh one
+        ckpt.check_init_from(cfg)
+    return Preflight(place, store, dims, n_micro, resume_path, _cost_model(cfg))
 
 
 def _cost_model(cfg: Config) -> CostModel:
@@ -170,7 +174,8 @@ class Trainer:
         self.rank = dist.get_rank()
         self._agree_on_resume_point()
         self.mesh = self.dims.build_mesh(self.place.device.type)
-        self.dp_rank = self.mesh["dp"].get_local_rank()
+        self.coords = self.dims.coordinates(self.mesh)
+        self.dp_rank = self.coords["dp"]
         self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, cfg)
 
@@ -178,6 +183,8 @@ class Trainer:
         self.step = 0
         if self.resume_path is not None:
             self._resume(self.resume_path)
+        elif cfg.checkpoint.init_from != "none":
+            ckpt.load_hf_weights(cfg.checkpoint.init_from, self.model)
         # Checkpoints past the resume point belong to a run this one does not continue; they
         # are set aside (not deleted) at the first save.
         self.set_aside_after = self.step
@@ -196,8 +203,12 @@ class Trainer:
     def _build_model(self) -> torch.nn.Module:
         self.kernel = get_backend(self.place.attention)
         model = build_model(self.cfg.model)
-        if self.dims.dp > 1:
-            apply_fsdp(model, self.mesh["dp"], self.place.compute_dtype)
+        # TorchTitan's order: tensor parallelism first, then FSDP over the data × context ranks
+        # (whose weights are the same), on the meta device; weights are initialised last.
+        if self.dims.tp > 1:
+            apply_tp(model, self.mesh["tp"])
+        if self.dims.dp_cp > 1:
+            apply_fsdp(model, self.mesh["dp_cp"], self.place.compute_dtype)
         model.to_empty(device=self.place.device)
         model.init_weights(self.cfg.train.seed)
         return model
@@ -233,24 +244,39 @@ class Trainer:
         mb = self.cfg.train.micro_batches
         mine = plan[self.dp_rank * mb:(self.dp_rank + 1) * mb]
         targets = sum(num_targets(pieces, self.store.doc_lengths) for pieces in plan)
-        # FSDP averages gradients over dp ranks; the loss is already a global mean, so undo it.
-        scale = self.dims.dp / max(targets, 1)
+        # FSDP averages gradients over the dp × cp ranks; the loss is already a global mean
+        # (and tensor-parallel ranks compute the same one), so undo the average.
+        scale = self.dims.dp_cp / max(targets, 1)
         loss_sum = torch.zeros((), device=self.place.device)
         for i, pieces in enumerate(mine):
-            if self.dims.dp > 1:  # reduce-scatter gradients once, after the last micro-batch
+            if self.dims.dp_cp > 1:  # reduce-scatter gradients once, after the last micro-batch
                 self.model.set_requires_gradient_sync(i == len(mine) - 1)
-            batch = build_micro_batch(self.store, pieces).to(self.place.device)
-            with self._autocast():
-                attention = segment_attention(self.kernel, batch.cu_seqlens, batch.max_seqlen)
-                loss = self.model(batch.tokens, batch.positions, attention, labels=batch.labels)
-            (loss * scale).backward()
+            batch = self._local_batch(pieces)
+            attention = segment_attention(self.kernel, batch.cu_seqlens, batch.max_seqlen)
+            with loss_context(self.dims.tp):
+                with self._autocast():
+                    loss = self.model(batch.tokens, batch.positions, attention,
+                                      labels=batch.labels)
+                (loss * scale).backward()
             loss_sum += loss.detach()
         grad_norm = self._clip_gradients()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.dims.dp > 1:
-            dist.all_reduce(loss_sum, group=self.mesh["dp"].get_group())
-        return loss_sum.item() / max(targets, 1), grad_norm
+        return self._global_loss(loss_sum) / max(targets, 1), grad_norm
+
+    def _local_batch(self, pieces) -> MicroBatch:
+        """This rank's micro-batch on the device, its tail padded for sequence parallelism."""
+        batch = build_micro_batch(self.store, pieces)
+        return pad_micro_batch(batch, self.dims.token_multiple).to(self.place.device)
+
+    def _global_loss(self, loss_sum: torch.Tensor) -> float:
+        """The summed loss of the whole global batch: one contribution per data-parallel rank
+        (tensor-parallel ranks all hold the same value)."""
+        if self.dims.world_size == 1:
+            return loss_sum.item()
+        mine = loss_sum if self.coords["tp"] == 0 else torch.zeros_like(loss_sum)
+        dist.all_reduce(mine)
+        return mine.item()
 
     def _clip_gradients(self) -> float:
         max_norm = self.cfg.train.grad_clip or float("inf")
@@ -267,11 +293,14 @@ class Trainer:
         # Without pipeline parallelism a DP rank's step is the sum of its micro-batches.
         rank_costs = [sum(costs[r * mb:(r + 1) * mb]) for r in range(self.dims.dp)]
         flops = flops_per_step(self.cfg.model, lengths)
+        multiple = self.dims.token_multiple
+        padding = sum(-sum(p[2] for p in pieces) % multiple for pieces in plan)
         mfu = flops / seconds / (self.peak_flops * self.dims.world_size) if self.peak_flops else None
         return {"step": self.step, "loss": loss, "tokens": tokens,
                 "tokens_per_s": tokens / seconds,
                 "tokens_per_s_per_device": tokens / seconds / self.dims.world_size,
                 "mfu": mfu, "imbalance": imbalance(costs),
+                "padding": padding / max(tokens + padding, 1),
                 "rank_imbalance": imbalance(rank_costs),
                 "step_time_s": seconds, "lr": lr, "grad_norm": grad_norm,
                 "memory_gib": peak_memory_gib(self.place.device)}
@@ -304,7 +333,8 @@ class Trainer:
             os.makedirs(cfg.train.out_dir, exist_ok=True)
             with open(os.path.join(cfg.train.out_dir, "config.yaml"), "w") as f:
                 yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-            print(f"{self.dims.describe(self.rank)}  device {self.place.device}  "
+            print(f"layout {self.dims.describe(self.rank)}  mesh [pp, dp, cp, tp]  "
+                  f"device {self.place.device}  "
                   f"attention {self.place.attention}  dtype {self.place.compute_dtype}  "
                   f"packing {cfg.data.packing}  documents {self.store.num_docs}", flush=True)
         logger = MetricsLogger(cfg.train.out_dir, cfg.train.steps, rank0, self.step,
@@ -336,7 +366,13 @@ class Trainer:
 def train(cfg: Config) -> None:
     trainer = Trainer(cfg)
     try:
-        trainer.run()
+        try:
+            trainer.run()
+        except Exception as err:
+            # In a 4D run the first question is where: name this rank's coordinates.
+            where = trainer.dims.describe(trainer.rank, trainer.coords)
+            print(f"{where}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+            raise
         if dist.is_initialized():
             # The last collective may be a broadcast rank 0 has sent but a peer not yet read;
             # tearing the group down under it aborts the process (seen with gloo).

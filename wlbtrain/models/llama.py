@@ -167,7 +167,8 @@ class Llama(nn.Module):
     def _loss_sum(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # Under tensor parallelism the logits are a DTensor sharded over the vocabulary and
         # cross_entropy runs vocabulary-parallel (inside torch's loss_parallel context).
-        return F.cross_entropy(self.lm_head(h).float(), labels, reduction="sum")
+        loss = F.cross_entropy(self.lm_head(h).float(), labels, reduction="sum")
+        return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
