@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -134,3 +135,59 @@ def test_cli_dispatches_plan(lengths_file):
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert len(json.loads(result.stdout)["steps"]) == 2
+
+
+# ------------------------------------------------------------------ context parallelism
+
+def test_cp_table_compares_every_sharding(capsys, lengths_file):
+    assert main(["--lengths", lengths_file, *SMALL, "--steps", "3", "parallel.cp=2",
+                 "parallel.tp=2"]) == 0
+    out = capsys.readouterr().out
+    cp_lines = out[out.index("context parallelism: cp 2 × tp 2"):].splitlines()
+    rows = [line.split() for line in cp_lines if line.startswith(("plain", "wlb"))]
+    for sharding in ("per_sequence", "per_document", "adaptive", "hybrid"):
+        assert any(r[1] == sharding for r in rows if r[0] == "plain")
+    adaptive = next(line for line in cp_lines if line.startswith("plain") and "adaptive" in line)
+    picks = [int(n.rstrip(",")) for n in adaptive.split()[6::2]]
+    assert sum(picks) == 12  # every micro-batch of 3 steps × 4 counted once
+    balance_mean, balance_max = float(rows[0][2]), float(rows[0][3])
+    assert 1.0 <= balance_mean <= balance_max
+
+
+def test_no_cp_section_without_cp(capsys, lengths_file):
+    assert main(["--lengths", lengths_file, *SMALL, "--steps", "2", "parallel.cp=1"]) == 0
+    assert "context parallelism" not in capsys.readouterr().out
+    plan = plan_json(capsys, "--lengths", lengths_file, *SMALL, "--steps", "2", "parallel.cp=1")
+    mb = plan["steps"][0]["micro_batches"][0]
+    assert mb.keys() == {"docs"} and "cp_balance_mean" not in plan["summary"]
+
+
+@pytest.mark.parametrize("sharding, allowed", [
+    ("per_sequence", {"per_sequence"}),
+    ("per_document", {"per_document"}),
+    ("adaptive", {"per_sequence", "per_document"}),
+    ("hybrid", {"per_sequence", "per_document", "hybrid"}),
+])
+def test_json_gives_each_micro_batch_its_cp_sharding(capsys, lengths_file, sharding, allowed):
+    plan = plan_json(capsys, "--lengths", lengths_file, *SMALL, "--steps", "3", "parallel.cp=4",
+                     "parallel.tp=1", f"parallel.cp_sharding={sharding}")
+    assert {"packing", "context", "micro_batches", "steps", "pending", "summary"} <= plan.keys()
+    balances = []
+    for step in plan["steps"]:
+        for mb in step["micro_batches"]:
+            assert mb["cp_sharding"] in allowed and mb["cp_balance"] >= 1.0
+            balances.append(mb["cp_balance"])
+    s = plan["summary"]
+    assert s["cp_sharding"] == sharding
+    assert s["cp_balance_max"] == max(balances)
+    assert s["cp_balance_mean"] == pytest.approx(np.mean(balances), abs=1e-3)
+
+
+def test_paper_recipe_plans_cp(capsys):
+    lengths = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "doclens",
+                           "wikipedia_1m.txt")
+    if not os.path.exists(lengths):
+        pytest.skip("the doclens samples are not here")
+    plan = plan_json(capsys, "recipes/paper/7b_128k.yaml", "--lengths", lengths, "--steps", "2")
+    mbs = [mb for step in plan["steps"] for mb in step["micro_batches"]]
+    assert len(mbs) == 8 and {mb["cp_sharding"] for mb in mbs} <= {"per_sequence", "per_document"}

@@ -3,7 +3,9 @@
 No model, no process group: the recipe's model shape and layout only feed the cost model. For
 each packer it runs K global batches of a seeded document stream and reports the imbalance of
 the micro-batches' estimated cost (max / mean per step: mean, p90, max), the planning time per
-global batch and the token delay in steps (token-weighted mean, max). ``--json`` prints one
+global batch and the token delay in steps (token-weighted mean, max). With ``parallel.cp > 1`` it
+also shards every micro-batch over the CP ranks with each sharding and reports the balance of
+the ranks' estimated attention cost (max / min) and what adaptive and hybrid chose. ``--json`` prints one
 packer's full plan in the structure DESIGN.md fixes; ``--plot`` draws the micro-batch costs of
 plain vs wlb packing.
 """
@@ -23,6 +25,8 @@ from wlbtrain.config import EXIT_BAD_INPUT
 from wlbtrain.data.cost import CostModel, imbalance
 from wlbtrain.data.packing import PACKINGS, balance_ranks, make_packer, max_piece_for
 from wlbtrain.data.stream import DocumentStream
+from wlbtrain.parallel.sharding import (SHARDINGS, ShardCostEstimator, compare_shardings,
+                                        cost_balance, has_cp_profile)
 
 DEFAULT_STEPS = 100
 # Without a recipe the cost model uses the paper's 7B-128K layout (Llama-2-7B shape, TP8 CP2 PP4,
@@ -110,6 +114,83 @@ def summarize(steps: list[StepResult], n_micro_batches: int, context: int, ranks
     }
 
 
+# ---------------------------------------------------------------------- context parallelism
+
+@dataclass
+class CPStats:
+    """One CP sharding over a run's micro-batches."""
+
+    balance: list[float] = field(default_factory=list)  # max / min rank attention cost
+    slowest_s: list[float] = field(default_factory=list)  # the slowest rank's attention
+    applied: dict[str, int] = field(default_factory=dict)  # what adaptive / hybrid chose, counted
+
+    def add(self, applied: str, rank_costs) -> None:
+        self.balance.append(cost_balance(rank_costs))
+        self.slowest_s.append(float(np.max(rank_costs)))
+        self.applied[applied] = self.applied.get(applied, 0) + 1
+
+
+def cp_micro_batches(run: PackerRun, cfg, estimator: ShardCostEstimator,
+                     shardings=SHARDINGS) -> dict[str, CPStats]:
+    """Shard every micro-batch of the run over the CP ranks with each sharding."""
+    par = cfg.parallel
+    stats = {s: CPStats() for s in shardings}
+    for step in run.steps:
+        for mb in step.plan:
+            results = compare_shardings([p[2] for p in mb], par.cp, 2 * par.cp * par.tp,
+                                        estimator, shardings)
+            for s, (applied, costs) in results.items():
+                stats[s].add(applied, costs)
+    return stats
+
+
+def _ratio(value: float) -> float | None:
+    return round(value, 4) if np.isfinite(value) else None  # JSON has no infinity
+
+
+def _add_cp_json(plan: dict, run: PackerRun, cfg, estimator: ShardCostEstimator) -> None:
+    """Each micro-batch's applied sharding and rank balance under parallel.cp_sharding."""
+    par, sharding = cfg.parallel, cfg.parallel.cp_sharding
+    balances = []
+    for step_json, step in zip(plan["steps"], run.steps):
+        for mb_json, mb in zip(step_json["micro_batches"], step.plan):
+            ((applied, costs),) = compare_shardings([p[2] for p in mb], par.cp, 2 * par.cp * par.tp,
+                                                    estimator, (sharding,)).values()
+            balances.append(cost_balance(costs))
+            mb_json["cp_sharding"] = applied
+            mb_json["cp_balance"] = _ratio(balances[-1])
+    if balances:
+        plan["summary"].update(cp_sharding=sharding,
+                               cp_balance_mean=_ratio(float(np.mean(balances))),
+                               cp_balance_max=_ratio(float(np.max(balances))))
+
+
+def format_cp_table(runs: list[PackerRun], cfg, estimator: ShardCostEstimator) -> str:
+    par = cfg.parallel
+    profile = cfg.data.cost_profile if cfg.data.cost_profile and has_cp_profile(
+        cfg.data.cost_profile) else None
+    lines = [f"context parallelism: cp {par.cp} × tp {par.tp}; one rank's attention of one layer, "
+             f"forward+backward, {estimator.heads} heads × {estimator.head_dim}, estimated "
+             + (f"from {profile}" if profile else
+                f"from FLOPs at {estimator.flops_per_s / 1e12:.0f} TFLOP/s per tile"),
+             f"{'packing':<20} {'sharding':<13} {'balance mean':>12} {'max':>6}  "
+             f"{'slowest rank ms':>15}  applied"]
+    for run in runs:
+        for name, st in cp_micro_batches(run, cfg, estimator).items():
+            if not st.balance:
+                continue
+            applied = ", ".join(f"{k} {v}" for k, v in sorted(st.applied.items())) \
+                if name in ("adaptive", "hybrid") else ""
+            lines.append(f"{run.name:<20} {name:<13} {np.mean(st.balance):>12.3f} "
+                         f"{np.max(st.balance):>6.3f}  {np.mean(st.slowest_s) * 1e3:>15.3f}  "
+                         f"{applied}".rstrip())
+    lines.append(f"balance = max / min of the CP ranks' estimated attention cost per micro-batch; "
+                 f"slowest rank ms = mean over micro-batches (a CP step waits for its slowest "
+                 f"rank); applied = micro-batches per sharding taken; the recipe applies "
+                 f"{par.cp_sharding}")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------- inputs
 
 def load_lengths(path: str) -> np.ndarray:
@@ -184,6 +265,16 @@ def cost_model_for(cfg) -> CostModel:
     return CostModel.from_model(cfg.model, cfg.parallel)
 
 
+def cp_estimator_for(cfg) -> ShardCostEstimator:
+    """The CP sharding estimate for one rank of the recipe: the profile's "cp" section when
+    data.cost_profile has one, else the FLOP-based default."""
+    m, tp = cfg.model, cfg.parallel.tp
+    heads, head_dim = max(m.n_heads // tp, 1), m.dim // m.n_heads
+    if cfg.data.cost_profile and has_cp_profile(cfg.data.cost_profile):
+        return ShardCostEstimator.from_profile(cfg.data.cost_profile, heads, head_dim)
+    return ShardCostEstimator(heads=heads, head_dim=head_dim)
+
+
 # ---------------------------------------------------------------------------------- running
 
 @dataclass
@@ -220,14 +311,19 @@ def run_variant(v: Variant, cfg, lengths: np.ndarray, steps: int, cost_model: Co
     return simulate(packer, stream, steps, cost_model, name=v.label)
 
 
-def to_json(run: PackerRun, cfg) -> dict:
+def to_json(run: PackerRun, cfg, cp_estimator: ShardCostEstimator | None = None) -> dict:
+    """DESIGN.md's plan JSON; with parallel.cp > 1 every micro-batch also carries its applied
+    ``cp_sharding`` and ``cp_balance``, and the summary their mean and max."""
     n_micro = cfg.parallel.data_parallel(None) * cfg.train.micro_batches
-    return {"packing": cfg.data.packing, "context": cfg.data.context, "micro_batches": n_micro,
+    plan = {"packing": cfg.data.packing, "context": cfg.data.context, "micro_batches": n_micro,
             "steps": [{"step": i, "pack_ms": round(s.pack_ms, 3),
                        "micro_batches": [{"docs": [list(p) for p in mb]} for mb in s.plan]}
                       for i, s in enumerate(run.steps)],
             "pending": [list(p) for p in run.pending],
             "summary": run.summary(n_micro, cfg.data.context, cfg.parallel.data_parallel(None))}
+    if cfg.parallel.cp > 1:
+        _add_cp_json(plan, run, cfg, cp_estimator or cp_estimator_for(cfg))
+    return plan
 
 
 def format_table(runs: list[PackerRun], cfg, cost_model: CostModel, source: str) -> str:
@@ -354,13 +450,23 @@ def _run(args) -> int:
     runs = [run_variant(v, cfg, lengths, args.steps, cost_model) for v in chosen]
     if args.plot:
         plot(args.plot, _plot_runs(runs, cfg, lengths, args.steps, cost_model))
+    cp_estimator = _cp_estimator(cfg) if cfg.parallel.cp > 1 else None
     if args.json:
-        json.dump(to_json(runs[0], cfg), sys.stdout)
+        json.dump(to_json(runs[0], cfg, cp_estimator), sys.stdout)
         sys.stdout.write("\n")
     else:
         source = args.lengths or args.recipe or "default 7B-128K layout"
         print(format_table(runs, cfg, cost_model, source))
+        if cp_estimator is not None:
+            print(format_cp_table(runs, cfg, cp_estimator))
     return 0
+
+
+def _cp_estimator(cfg) -> ShardCostEstimator:
+    try:
+        return cp_estimator_for(cfg)
+    except ValueError as err:
+        raise PlanError(f"data.cost_profile: {err}") from None
 
 
 def _plot_runs(runs, cfg, lengths, steps, cost_model) -> dict[str, PackerRun]:
