@@ -10,6 +10,12 @@ Times, forward + backward, on one GPU as one rank of the recipe's layout sees th
     the output head, at several token counts;
 then fits seconds = a·d² + b·d (attention) and seconds = c·tokens (linear layers) by least
 squares and writes ``{"attn_coef": ..., "linear_coef": ...}`` for ``data.cost_profile``.
+
+The "cp" section feeds the context-parallel sharding estimate (``ShardCostEstimator``): the
+attention of n chunks of q queries over a k-key prefix each (what a CP rank computes) at shapes
+from single leftover tokens to long chunks, fitted as seconds = call_s + chunk_s·n + tile FLOPs
+/ flops_per_s, the tile FLOPs counted as the kernel's tiles under the causal mask. On a CPU
+(the reference attention, no tiles) it is a smoke test of tiny shapes; --no-cp skips it.
 CP divides every document's tokens over cp ranks, so both terms divide by cp; a pipeline stage
 runs n_layers/pp layers, the last one also the head. On a CPU it runs tiny shapes as a smoke
 test (`--lengths 64,128,256 --tokens 64,128,256`).
@@ -31,11 +37,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from wlbtrain.config import ConfigError, load_config  # noqa: E402
 from wlbtrain.metrics import device_name  # noqa: E402
+from wlbtrain.parallel.sharding import (KERNEL_PASSES, KernelPass,  # noqa: E402
+                                        ShardCostEstimator, causal_tiles)
 
 GPU_LENGTHS = [2048, 4096, 8192, 16384, 32768, 65536, 131072]
 GPU_TOKENS = [4096, 8192, 16384, 32768, 65536]
 CPU_LENGTHS = [64, 128, 256, 512]
 CPU_TOKENS = [64, 128, 256, 512]
+# CP chunk shapes (q_len, k_len, chunks per call): lone leftover tokens and tiny chunks (the
+# per-chunk overhead), calls of one chunk (the per-call overhead), and long head/tail chunks.
+GPU_CP_SHAPES = [(1, 4096, 1024), (1, 32768, 128), (16, 16, 4096), (64, 64, 2048),
+                 (128, 2048, 512), (256, 256, 1), (512, 8192, 128), (2048, 2048, 64),
+                 (4096, 32768, 16), (16384, 65536, 4), (32768, 32768, 1), (32768, 131072, 1)]
+CPU_CP_SHAPES = [(1, 32, 8), (4, 16, 8), (16, 16, 2), (16, 64, 4), (32, 32, 1)]
 
 
 def time_fwd_bwd(fn, inputs, repeats: int, device: torch.device) -> float:
@@ -95,6 +109,72 @@ def profile_attention(cfg, lengths, device, dtype, repeats):
     return name, seconds
 
 
+def cp_attention_fn(device: torch.device, dtype):
+    """(name, fn(q, k, v, cu_q, cu_k, max_q, max_k), kernel passes) for CP chunk shapes, or None
+    when no varlen attention can be imported."""
+    try:
+        from wlbtrain.kernels import reference_varlen_attention, varlen_attention
+        from wlbtrain.kernels.attention import backward_config, forward_config
+    except ImportError:
+        return None
+    if device.type != "cuda":
+        return "reference (smoke test)", reference_varlen_attention, KERNEL_PASSES
+    probe = torch.empty(1, 1, 128, device=device, dtype=dtype)
+    fwd, bwd = forward_config(probe), backward_config(probe)
+    passes = (KernelPass("forward", fwd.block_m, fwd.block_n, 2),
+              KernelPass("backward_dkdv", bwd.dkdv.block_m, bwd.dkdv.block_n, 4),
+              KernelPass("backward_dq", bwd.dq.block_m, bwd.dq.block_n, 3))
+    return "triton varlen_attention", varlen_attention, passes
+
+
+def profile_cp(cfg, shapes, device, dtype, repeats) -> dict | None:
+    """Time n chunks of (q_len, k_len) per call; fit call_s, chunk_s and the tile FLOP rate."""
+    found = cp_attention_fn(device, dtype)
+    if found is None:
+        return None
+    name, attention, passes = found
+    m, tp = cfg.model, cfg.parallel.tp
+    hq, hkv, hd = m.n_heads // tp, m.n_kv_heads // tp, m.dim // m.n_heads
+    unit = ShardCostEstimator(heads=hq, head_dim=hd, flops_per_s=1.0, chunk_s=0.0, call_s=0.0,
+                              passes=passes)
+    seconds, tile_flops = [], []
+    for q_len, k_len, n in shapes:
+        q = torch.randn(n * q_len, hq, hd, device=device, dtype=dtype, requires_grad=True)
+        k = torch.randn(n * k_len, hkv, hd, device=device, dtype=dtype, requires_grad=True)
+        v = torch.randn(n * k_len, hkv, hd, device=device, dtype=dtype, requires_grad=True)
+        cu_q = (torch.arange(n + 1, device=device) * q_len).to(torch.int32)
+        cu_k = (torch.arange(n + 1, device=device) * k_len).to(torch.int32)
+
+        def call(q, k, v):
+            return attention(q, k, v, cu_q, cu_k, q_len, k_len, causal=True)
+        seconds.append(time_fwd_bwd(call, (q, k, v), repeats, device))
+        tile_flops.append(float(unit.chunk_costs([q_len], [k_len])[0]) * n)  # FLOPs at 1 FLOP/s
+        del q, k, v
+    counts = np.array([n for _, _, n in shapes], dtype=np.float64)
+    call_s, chunk_s, s_per_flop = nonnegative_fit(
+        np.stack([np.ones_like(counts), counts, np.array(tile_flops)], axis=1), np.array(seconds))
+    if s_per_flop <= 0:  # noise swallowed the work term: the mean rate instead
+        s_per_flop = sum(seconds) / sum(tile_flops)
+    return {"flops_per_s": 1.0 / s_per_flop, "chunk_s": chunk_s, "call_s": call_s,
+            "heads": hq, "head_dim": hd, "passes": [list(p) for p in passes],
+            "attention": name, "shapes": [list(s) for s in shapes], "seconds": seconds,
+            "achieved_tflops": [f / t / 1e12 for f, t in zip(tile_flops, seconds)]}
+
+
+def nonnegative_fit(a, y):
+    """Least squares with every coefficient >= 0: the best of the fits on column subsets whose
+    coefficients all come out >= 0 (exact for the few columns used here)."""
+    best, best_err = np.zeros(a.shape[1]), float(np.sum(y ** 2))
+    for mask in range(1, 2 ** a.shape[1]):
+        cols = [j for j in range(a.shape[1]) if mask >> j & 1]
+        coef = np.linalg.lstsq(a[:, cols], y, rcond=None)[0]
+        err = float(np.sum((a[:, cols] @ coef - y) ** 2))
+        if (coef >= 0).all() and err < best_err:
+            best, best_err = np.zeros(a.shape[1]), err
+            best[cols] = coef
+    return [float(c) for c in best]
+
+
 def layer_matmuls(cfg, device, dtype):
     """One layer's TP-sharded weights, as a rank holds them: a function of x [T, dim]."""
     m, tp = cfg.model, cfg.parallel.tp
@@ -140,7 +220,7 @@ def fit(x, y, powers):
     return [max(float(c), 0.0) for c in coef]
 
 
-def build_profile(cfg, lengths, tokens, device, dtype, repeats) -> dict:
+def build_profile(cfg, lengths, tokens, device, dtype, repeats, cp_shapes=None) -> dict:
     par = cfg.parallel
     layers = cfg.model.n_layers / par.pp
     backend, attn_s = profile_attention(cfg, lengths, device, dtype, repeats)
@@ -153,12 +233,17 @@ def build_profile(cfg, lengths, tokens, device, dtype, repeats) -> dict:
     if attn_coef == 0 and linear_coef == 0:
         raise RuntimeError("every fitted coefficient is 0: the timings are too noisy; raise "
                            "--repeats or use longer --lengths/--tokens")
-    return {"attn_coef": attn_coef, "linear_coef": linear_coef,
+    profile = {"attn_coef": attn_coef, "linear_coef": linear_coef,
             "device": device_name(device), "dtype": str(dtype).replace("torch.", ""),
             "attention": backend, "layers_per_stage": layers, "tp": par.tp, "cp": par.cp,
             "pp": par.pp, "lengths": list(lengths), "attention_s": attn_s,
             "tokens": list(tokens), "layer_s": layer_s, "head_s": head_s,
             "torch": torch.__version__}
+    if cp_shapes:
+        cp = profile_cp(cfg, cp_shapes, device, dtype, repeats)
+        if cp is not None:
+            profile["cp"] = cp
+    return profile
 
 
 def _ints(text: str) -> list[int]:
@@ -179,6 +264,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lengths", type=_ints, help="attention document lengths")
     parser.add_argument("--tokens", type=_ints, help="token counts for the linear layers")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-cp", action="store_true", dest="no_cp",
+                        help="skip the CP chunk-shape section")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
     try:
@@ -198,12 +285,17 @@ def main(argv=None) -> int:
     if len(lengths) < 3 or len(tokens) < 2:
         print("profile_cost: need at least 3 --lengths and 2 --tokens to fit", file=sys.stderr)
         return 2
-    profile = build_profile(cfg, lengths, tokens, device, dtype, args.repeats)
+    cp_shapes = None if args.no_cp else (GPU_CP_SHAPES if use_cuda else CPU_CP_SHAPES)
+    profile = build_profile(cfg, lengths, tokens, device, dtype, args.repeats, cp_shapes)
     with open(args.out, "w") as f:
         json.dump(profile, f, indent=1)
     print(f"attn_coef {profile['attn_coef']:.3e} s/token², linear_coef "
           f"{profile['linear_coef']:.3e} s/token ({profile['attention']}, {profile['device']}) "
           f"→ {args.out}")
+    if "cp" in profile:
+        cp = profile["cp"]
+        print(f"cp: {cp['flops_per_s'] / 1e12:.0f} TFLOP/s per tile FLOP, chunk {cp['chunk_s'] * 1e6:.2f} "
+              f"µs, call {cp['call_s'] * 1e6:.1f} µs ({cp['attention']})")
     return 0
 
 
