@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from wlbtrain.parallel.pipeline import (SCHEDULES, Action, Exchange, P2P, PipelineDeadlock,
+from wlbtrain.parallel.pipeline import (Action, Exchange, P2P, PipelineDeadlock,
                                         PipelineRunner, build_programs, build_schedule,
                                         check_matching, pipeline_metrics, simulate,
                                         split_layers, stage_chunks)
@@ -150,7 +150,8 @@ def test_simulation_catches_a_program_that_would_hang_on_nccl():
 
 @pytest.mark.parametrize("kind,pp,n,v,message", [
     ("1f1b", 4, 3, 1, "at least pp = 4"), ("1f1b", 2, 4, 2, "interleaved_1f1b"),
-    ("interleaved_1f1b", 4, 6, 2, "multiple of pp = 4"), ("interleaved_1f1b", 2, 4, 1, "virtual > 1"),
+    ("interleaved_1f1b", 4, 6, 2, "multiple of pp = 4"),
+    ("interleaved_1f1b", 2, 4, 1, "virtual > 1"),
     ("zero_bubble", 2, 4, 1, "unknown")])
 def test_schedule_checks_name_the_problem(kind, pp, n, v, message):
     with pytest.raises(ValueError, match=message):
@@ -316,8 +317,8 @@ def llama_worker(rank, world, port, failures):
             tokens = torch.randint(0, cfg.vocab_size, (sum(lengths),), generator=gen)
             positions = torch.cat([torch.arange(d) for d in lengths])
             cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
-            batches.append((tokens, positions, segment_attention(reference_attention, cu, max(lengths)),
-                            torch.roll(tokens, -1)))
+            attention = segment_attention(reference_attention, cu, max(lengths))
+            batches.append((tokens, positions, attention, torch.roll(tokens, -1)))
         scale = 1.0 / sum(map(sum, docs))
 
         def build(layer_ids=None, embed=True, head=True):

@@ -6,22 +6,21 @@ r, r + pp, r + 2pp, ... (the interleaved layout). A *schedule* is one ordered li
 ``Action`` (forward or backward of one micro-batch through one chunk) per pipeline rank.
 
 From the schedule each rank derives its *program*: the actions with ``Exchange`` steps between
-them. An exchange posts, in one ``dist.batch_isend_irecv``, the send of what the previous action
-produced and the receive of what the next action needs. Micro-batches of one step have different
-token counts, but every rank knows every micro-batch's activation shape from the packer's plan, so
-receive buffers are sized from the plan and no shape is exchanged.
+them, each one ``dist.batch_isend_irecv`` whose sends and receives are waited on together.
+Micro-batches of one step have different token counts, but every rank knows every micro-batch's
+activation shape from the packer's plan, so receive buffers are sized from the plan and no shape
+is exchanged.
 
 Why the programs cannot deadlock, also on NCCL. NCCL runs one batch as one group, and a group
 may not finish any of its operations before all of them are matched (a pending receive can hold
 back a send to the same peer), so the safe model is: *a batch completes only together with every
-batch its operations are matched with, and all of those batches, transitively*. ``simulate``
-runs the programs under exactly that model — sends and receives between each pair of ranks are
-matched in posting order, the same order NCCL and gloo match them — and raises when some batch
-can never complete; ``PipelineRunner`` runs it on its programs before the first step, so a plan
-that could hang on the GPUs fails at start-up with a message instead. For the schedules here,
-one exchange per gap between two computations pairs up as in Megatron's 1F1B: where rank r posts
-(send activation m, receive gradient k) to rank r+1, rank r+1 posts (send gradient k, receive
-activation m) to rank r in its matching exchange; the tests check every layout they build.
+batch its operations are matched with, and all of those, transitively*. ``build_programs`` gives
+every transfer one label (a time on a reference timeline) and both ends post it at that label,
+in label order, so batches that complete together share a label and none waits on a later one
+(its docstring has the argument). ``simulate`` runs programs under exactly that model — sends
+and receives between each pair of ranks matched in posting order, as NCCL and gloo match them —
+and raises when some batch can never complete; ``PipelineRunner`` runs it before the first step,
+so a plan that could hang on the GPUs fails at start-up with the stuck steps named instead.
 
 Sizes: activations and their gradients are [T, dim] (T: the micro-batch's tokens on this rank);
 ``forward`` returns that, or the scalar loss on the last chunk.
@@ -31,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Literal, Sequence
 
@@ -217,6 +217,10 @@ def _warmup_steady_cooldown(forwards: list[Action], backwards: list[Action],
 # Programs: the actions with the exchanges between them
 
 
+class PipelineDeadlock(ValueError):
+    """Some rank's program can never proceed (or sends and receives do not match)."""
+
+
 @dataclass(frozen=True)
 class P2P:
     """One send or receive. ``item`` is the action that produced the tensor: F(m, c) for the
@@ -314,17 +318,13 @@ def _reference_timeline(schedule: list[list[Action]], n_chunks: int):
         for r, actions in enumerate(schedule):
             while pos[r] < len(actions):
                 action = actions[pos[r]]
-                producer = _producer(action, n_chunks)
+                inputs = [_producer(action, n_chunks)]
                 if action.op == "B":  # a backward also needs its own forward
-                    producer_end = max(end.get(producer, 0.0) if producer else 0.0,
-                                       end.get(Action("F", action.micro, action.chunk), -1.0))
-                    ready = (producer is None or producer in end) and \
-                        Action("F", action.micro, action.chunk) in end
-                else:
-                    producer_end = end.get(producer, 0.0) if producer else 0.0
-                    ready = producer is None or producer in end
-                if not ready:
+                    inputs.append(Action("F", action.micro, action.chunk))
+                inputs = [a for a in inputs if a is not None]
+                if any(a not in end for a in inputs):
                     break
+                producer_end = max((end[a] for a in inputs), default=0.0)
                 start[action] = max(clock[r], producer_end)
                 clock[r] = end[action] = start[action] + (
                     REFERENCE_FORWARD if action.op == "F" else REFERENCE_BACKWARD)
@@ -340,10 +340,6 @@ def _reference_timeline(schedule: list[list[Action]], n_chunks: int):
 def _gap_covering(label: float, starts: list[float]) -> int:
     """Index g of the gap (starts[g-1], starts[g]] holding ``label``; len(starts) after the last."""
     return bisect.bisect_left(starts, label)
-
-
-class PipelineDeadlock(ValueError):
-    pass
 
 
 def check_matching(programs: list[list[Step]]) -> None:
@@ -521,7 +517,8 @@ class PipelineRunner:
             else:
                 self._backward(step, state)
         if state.saved or state.inbox or state.outbox:
-            raise RuntimeError("pipeline step ended with tensors still held: schedule is incomplete")
+            raise RuntimeError("pipeline step ended with tensors still held: the schedule is "
+                               "incomplete")
         return PipelineStep(state.timer.finish(self.n_micro), state.losses)
 
     def _forward(self, action: Action, s: "_StepState") -> None:
@@ -612,17 +609,11 @@ class _Timer:
         event.record()
         return event
 
+    @contextmanager
     def measure(self, action: Action):
-        timer = self
-
-        class _Span:
-            def __enter__(self):
-                self.begin = timer._mark()
-
-            def __exit__(self, *exc):
-                timer.spans.append((action, self.begin, timer._mark()))
-
-        return _Span()
+        begin = self._mark()
+        yield
+        self.spans.append((action, begin, self._mark()))
 
     def _seconds(self, a, b) -> float:
         return a.elapsed_time(b) / 1000.0 if self.cuda else b - a
