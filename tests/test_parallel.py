@@ -30,6 +30,17 @@ LAYOUTS = [
     # an odd context makes every plain micro-batch's token count odd: the padding path
     (["parallel.dp=1", "parallel.tp=2", "train.micro_batches=4", "data.context=511"],
      "TP 2, padded micro-batches", 2),
+    (["parallel.dp=1", "parallel.pp=2", "train.micro_batches=4"], "PP 2, 1F1B", 2),
+    (["parallel.dp=1", "parallel.pp=2", "train.micro_batches=4", "data.packing=wlb"],
+     "PP 2, 1F1B, wlb packing", 2),
+    (["parallel.dp=1", "parallel.pp=2", "parallel.pp_virtual=2", "model.n_layers=4",
+      "parallel.pp_schedule=interleaved_1f1b", "train.micro_batches=4", "data.packing=wlb"],
+     "PP 2 interleaved, wlb packing", 2),
+    (["parallel.dp=1", "parallel.pp=2", "parallel.pp_schedule=gpipe", "train.micro_batches=4"],
+     "PP 2, GPipe", 2),
+    (["parallel.dp=2", "parallel.pp=2", "train.micro_batches=2"], "PP 2 x DP 2", 4),
+    (["parallel.dp=1", "parallel.pp=2", "parallel.tp=2", "train.micro_batches=4",
+      "data.packing=wlb"], "PP 2 x TP 2, wlb packing", 4),
 ]
 
 
@@ -50,17 +61,32 @@ def run(out_dir, cache, overrides, nproc):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows], load_file(out_dir / "checkpoints/step-4/model.safetensors")
+    weights = {}  # one file, or one per pipeline stage
+    for path in sorted((out_dir / "checkpoints/step-4").glob("model*.safetensors")):
+        weights.update(load_file(path))
+    return [r["loss"] for r in rows], weights
+
+
+_SINGLE_RUNS: dict[tuple, tuple] = {}  # layouts sharing a reference run train it once
+
+
+def single_process_run(tmp_path_factory, overrides) -> tuple:
+    """The single-process run of the same global batch as the layout ``overrides``."""
+    single = [o for o in overrides if not o.startswith(("parallel.", "train.micro_batches"))]
+    key = tuple(sorted(single))
+    if key not in _SINGLE_RUNS:
+        base = tmp_path_factory.mktemp("single")
+        _SINGLE_RUNS[key] = run(base / "run", tmp_path_factory.getbasetemp() / "cache",
+                                [*single, "parallel.dp=1", "train.micro_batches=4"], 1)
+    return _SINGLE_RUNS[key]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides,description,nproc", LAYOUTS, ids=[d for _, d, _ in LAYOUTS])
-def test_layout_matches_single_device(tmp_path, overrides, description, nproc):
-    cache = tmp_path / "cache"
-    single = [o for o in overrides if not o.startswith(("parallel.", "train.micro_batches"))]
-    single.append("parallel.dp=1")
-    ref_loss, ref_weights = run(tmp_path / "single", cache, [*single, "train.micro_batches=4"], 1)
-    loss, weights = run(tmp_path / "layout", cache, overrides, nproc)
+def test_layout_matches_single_device(tmp_path, tmp_path_factory, overrides, description, nproc):
+    ref_loss, ref_weights = single_process_run(tmp_path_factory, overrides)
+    loss, weights = run(tmp_path / "layout", tmp_path_factory.getbasetemp() / "cache",
+                        overrides, nproc)
     assert loss == pytest.approx(ref_loss, rel=1e-5), description
     assert weights.keys() == ref_weights.keys()
     for name in weights:

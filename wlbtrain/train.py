@@ -21,20 +21,23 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 import yaml
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError
-from .data.batch import MicroBatch, build_micro_batch, num_targets, pad_micro_batch
+from .data.batch import build_micro_batch, num_targets, pad_micro_batch
 from .data.cost import CostModel, imbalance
 from .data.packing import balance_ranks, make_packer, max_piece_for
 from .data.store import TokenStore, open_source
 from .data.stream import DocumentStream
 from .metrics import MetricsLogger, device_peak_tflops, peak_memory_gib
-from .models.attention import get_backend, segment_attention
-from .models.llama import build_model, flops_per_step
+from .models.attention import LocalAttention, get_backend, segment_attention
+from .models.llama import build_model, flops_per_step, stage_costs
 from .parallel.dims import ParallelDims, init_process_group, world_size_from_env
 from .parallel.fsdp import apply_fsdp
+from .parallel.pipeline import (PipelineRunner, build_schedule, pipeline_metrics, split_layers,
+                                stage_chunks)
 from .parallel.tensor import apply_tp, loss_context
 
 
@@ -160,6 +163,21 @@ def _cost_model(cfg: Config) -> CostModel:
         raise ConfigError(f"data.cost_profile: {err}") from None
 
 
+@dataclass
+class LocalBatch:
+    """One micro-batch as this rank feeds it to the model: ``rows`` tokens (padding included;
+    under context parallelism this rank's share), split over tensor-parallel ranks inside."""
+
+    tokens: torch.Tensor  # [rows] int64
+    positions: torch.Tensor  # [rows] int64, RoPE positions within each segment
+    labels: torch.Tensor  # [rows] int64, IGNORE on padding and documents' last tokens
+    attention: LocalAttention
+
+    @property
+    def rows(self) -> int:
+        return int(self.tokens.numel())
+
+
 class Trainer:
     """Everything one training run holds; ``run()`` trains to ``train.steps``."""
 
@@ -178,6 +196,8 @@ class Trainer:
         self.dp_rank = self.coords["dp"]
         self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, cfg)
+        self.pipeline = self._build_pipeline()
+        self.pipeline_record: dict = {}  # measured stage times of the last step
 
         self.stream, self.packer = self._build_data()
         self.step = 0
@@ -201,17 +221,35 @@ class Trainer:
                                f"{chosen[0]}: train.out_dir must be one shared directory")
 
     def _build_model(self) -> torch.nn.Module:
+        """This rank's part of the model: its pipeline stage's layers (all of them without a
+        pipeline), tensor-parallel, FSDP-sharded, initialised as the whole model would be."""
         self.kernel = get_backend(self.place.attention)
-        model = build_model(self.cfg.model)
+        par = self.cfg.parallel
+        layer_costs, embed_cost, head_cost = stage_costs(self.cfg.model, self.cfg.data.context)
+        self.chunks = split_layers(layer_costs, par.pp, par.pp_virtual, embed_cost, head_cost)
+        self.stage = stage_chunks(self.chunks, self.coords["pp"], par.pp)
+        model = build_model(self.cfg.model, self.stage.layer_ids, self.stage.embed,
+                            self.stage.head)
         # TorchTitan's order: tensor parallelism first, then FSDP over the data × context ranks
         # (whose weights are the same), on the meta device; weights are initialised last.
         if self.dims.tp > 1:
             apply_tp(model, self.mesh["tp"])
         if self.dims.dp_cp > 1:
-            apply_fsdp(model, self.mesh["dp_cp"], self.place.compute_dtype)
+            # a pipeline runs several micro-batches' forwards before their backwards: keep the
+            # gathered weights instead of gathering them again for every micro-batch
+            apply_fsdp(model, self.mesh["dp_cp"], self.place.compute_dtype,
+                       reshard_after_forward=par.pp == 1)
         model.to_empty(device=self.place.device)
         model.init_weights(self.cfg.train.seed)
         return model
+
+    def _build_pipeline(self) -> PipelineRunner | None:
+        par = self.cfg.parallel
+        if par.pp == 1:
+            return None
+        schedule = build_schedule(par.pp_schedule, par.pp, self.cfg.train.micro_batches,
+                                  par.pp_virtual)
+        return PipelineRunner(schedule, self.mesh["pp"].get_group(), self.place.device)
 
     def _build_data(self):
         d = self.cfg.data
@@ -247,27 +285,75 @@ class Trainer:
         # FSDP averages gradients over the dp × cp ranks; the loss is already a global mean
         # (and tensor-parallel ranks compute the same one), so undo the average.
         scale = self.dims.dp_cp / max(targets, 1)
-        loss_sum = torch.zeros((), device=self.place.device)
-        for i, pieces in enumerate(mine):
-            if self.dims.dp_cp > 1:  # reduce-scatter gradients once, after the last micro-batch
-                self.model.set_requires_gradient_sync(i == len(mine) - 1)
-            batch = self._local_batch(pieces)
-            attention = segment_attention(self.kernel, batch.cu_seqlens, batch.max_seqlen)
-            with loss_context(self.dims.tp):
-                with self._autocast():
-                    loss = self.model(batch.tokens, batch.positions, attention,
-                                      labels=batch.labels)
-                (loss * scale).backward()
-            loss_sum += loss.detach()
+        batches = [self._local_batch(pieces) for pieces in mine]
+        with loss_context(self.dims.tp):
+            if self.pipeline is None:
+                loss_sum = self._run_micro_batches(batches, scale)
+            else:
+                loss_sum = self._run_pipeline(batches, scale)
         grad_norm = self._clip_gradients()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return self._global_loss(loss_sum) / max(targets, 1), grad_norm
 
-    def _local_batch(self, pieces) -> MicroBatch:
-        """This rank's micro-batch on the device, its tail padded for sequence parallelism."""
+    def _run_micro_batches(self, batches: list[LocalBatch], scale: float) -> torch.Tensor:
+        """Forward and backward of each micro-batch in turn (no pipeline); the summed loss."""
+        loss_sum = torch.zeros((), device=self.place.device)
+        for i, batch in enumerate(batches):
+            if self.dims.dp_cp > 1:  # reduce-scatter gradients once, after the last micro-batch
+                self.model.set_requires_gradient_sync(i == len(batches) - 1)
+            with self._autocast():
+                loss = self.model(batch.tokens, batch.positions, batch.attention,
+                                  labels=batch.labels)
+            (loss * scale).backward()
+            loss_sum += loss.detach()
+        return loss_sum
+
+    def _run_pipeline(self, batches: list[LocalBatch], scale: float):
+        """This rank's side of the pipeline schedule; the summed loss (0 off the last stage) and
+        the measured micro-batch times."""
+        loss_sum = torch.zeros((), device=self.place.device)
+        dim, tp = self.cfg.model.dim, self.dims.tp
+        # FSDP casts each stage's inputs to the compute dtype; without it the residual stream
+        # stays fp32 under autocast
+        dtype = self.place.compute_dtype if self.dims.dp_cp > 1 else torch.float32
+
+        def forward(chunk_id: int, micro: int, inputs):
+            nonlocal loss_sum
+            chunk, batch = self.chunks[chunk_id], batches[micro]
+            with self._autocast():
+                out = self.model(batch.tokens if chunk.embed else inputs, batch.positions,
+                                 batch.attention, labels=batch.labels if chunk.head else None,
+                                 chunk=chunk)
+            if not chunk.head:
+                return out
+            loss_sum = loss_sum + out.detach()
+            return out * scale
+
+        def spec(micro: int):
+            return (batches[micro].rows // tp, dim), dtype, self.place.device
+
+        def before_backward(chunk_id: int, micro: int, last: bool) -> None:
+            if self.dims.dp_cp > 1:  # reduce-scatter a chunk's gradients at its last backward
+                chunk = self.chunks[chunk_id]
+                for i in chunk.layers:
+                    self.model.layers[str(i)].set_requires_gradient_sync(last, recurse=False)
+                if chunk.embed or chunk.head:
+                    self.model.set_requires_gradient_sync(last, recurse=False)
+
+        times = self.pipeline.step(forward, spec, before_backward).times
+        # measured, beside the cost model's estimate: is the packer's balance real?
+        self.pipeline_record = pipeline_metrics(times, self.mesh["pp"].get_group(),
+                                                self.place.device)
+        return loss_sum
+
+    def _local_batch(self, pieces) -> LocalBatch:
+        """What this rank feeds the model for one micro-batch: the tokens (tail padded for
+        sequence parallelism) and the attention over their segments."""
         batch = build_micro_batch(self.store, pieces)
-        return pad_micro_batch(batch, self.dims.token_multiple).to(self.place.device)
+        batch = pad_micro_batch(batch, self.dims.token_multiple).to(self.place.device)
+        attention = segment_attention(self.kernel, batch.cu_seqlens, batch.max_seqlen)
+        return LocalBatch(batch.tokens, batch.positions, batch.labels, attention)
 
     def _global_loss(self, loss_sum: torch.Tensor) -> float:
         """The summed loss of the whole global batch: one contribution per data-parallel rank
@@ -279,10 +365,17 @@ class Trainer:
         return mine.item()
 
     def _clip_gradients(self) -> float:
-        max_norm = self.cfg.train.grad_clip or float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
+        """Clip by the global norm over every stage's gradients; returns that norm."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if isinstance(norm, DTensor):  # sharded by FSDP or tensor parallelism
             norm = norm.full_tensor()
+        if self.dims.pp > 1:  # each stage holds other parameters: add the squares
+            squares = norm.float() ** 2
+            dist.all_reduce(squares, group=self.mesh["pp"].get_group())
+            norm = squares.sqrt()
+        if self.cfg.train.grad_clip:
+            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.train.grad_clip, norm)
         return float(norm)
 
     def _step_record(self, plan, loss, grad_norm, lr, seconds) -> dict:
@@ -303,7 +396,7 @@ class Trainer:
                 "padding": padding / max(tokens + padding, 1),
                 "rank_imbalance": imbalance(rank_costs),
                 "step_time_s": seconds, "lr": lr, "grad_norm": grad_norm,
-                "memory_gib": peak_memory_gib(self.place.device)}
+                "memory_gib": peak_memory_gib(self.place.device), **self.pipeline_record}
 
     def _train_state(self) -> dict:
         return {"stream": self.stream.state_dict(), "packer": self.packer.state_dict(),
@@ -317,8 +410,12 @@ class Trainer:
                     print(f"checkpoints newer than step {self.set_aside_after} are from another "
                           f"run: moved to {moved}", flush=True)
             self.set_aside_after = None
+        stage = self.coords["pp"]
+        # the first rank of each pipeline stage writes that stage's weights file
+        writer = int(self.mesh.mesh[stage, 0, 0, 0])
         ckpt.save_checkpoint(self.cfg.train.out_dir, self.step, self.model, self.optimizer,
-                             self._train_state(), self.cfg.checkpoint.keep)
+                             self._train_state(), self.cfg.checkpoint.keep, stage=stage,
+                             stages=self.dims.pp, weights_writer=writer)
 
     def _stop_agreed(self, requested: bool) -> bool:
         """A signal may reach ranks on either side of a step boundary: stop only together."""

@@ -244,3 +244,14 @@ def flops_per_step(cfg: ModelConfig, doc_lengths) -> float:
     tokens = sum(doc_lengths)
     attn = 6.0 * cfg.dim * cfg.n_layers * sum(float(d) * d for d in doc_lengths)
     return 6.0 * num_params(cfg) * tokens + attn
+
+
+def stage_costs(cfg: ModelConfig, context: int) -> tuple[list[float], float, float]:
+    """(per-layer, embedding, head) costs per token for splitting the layers into pipeline
+    stages: a layer's matrix products plus attention over documents of about half the context;
+    the head's output projection is recomputed in the backward (4/3 of its usual cost)."""
+    from ..data.cost import (attention_flops_per_squared_token, head_flops_per_token,
+                             linear_flops_per_token)
+
+    layer = linear_flops_per_token(cfg) + attention_flops_per_squared_token(cfg.dim) * context / 2
+    return [layer] * cfg.n_layers, 0.0, head_flops_per_token(cfg) * 4 / 3

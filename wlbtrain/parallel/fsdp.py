@@ -11,7 +11,8 @@ except ImportError:  # pragma: no cover - older layouts
     from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
 
-def apply_fsdp(model: torch.nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype) -> None:
+def apply_fsdp(model: torch.nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype,
+               reshard_after_forward: bool = True) -> None:
     """Shard every decoder layer, then the root (embedding, final norm, output head).
 
     Each layer is its own FSDP unit so only one layer's full weights are gathered at a time;
@@ -20,5 +21,6 @@ def apply_fsdp(model: torch.nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.d
     """
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for layer in model.layers.values():
-        fully_shard(layer, mesh=dp_mesh, mp_policy=policy)
-    fully_shard(model, mesh=dp_mesh, mp_policy=policy)
+        fully_shard(layer, mesh=dp_mesh, mp_policy=policy,
+                    reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
