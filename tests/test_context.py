@@ -154,6 +154,14 @@ def test_check_plan_rejects_overlaps_and_gaps():
         check_plan(outside)
 
 
+@pytest.mark.parametrize("mode,kernel,match", [("ulysses", "reference", "cp_attention"),
+                                              ("ring", "flash", "train.attention")])
+def test_unknown_mode_or_kernel_names_the_key(mode, kernel, match):
+    plan = contiguous_plan([8], 2)
+    with pytest.raises(ValueError, match=match):
+        make_context_attention(plan, 0, None, mode, kernel)
+
+
 # --------------------------------------------------------------------------------------------
 # One rank's cases
 # --------------------------------------------------------------------------------------------
@@ -330,6 +338,43 @@ def test_reference_kernel_matches_unsharded(group_results, cp, mode):
 @pytest.mark.parametrize("mode", ["allgather", "ring"])
 def test_triton_kernel_matches_unsharded(group_results, cp, mode):
     assert_cases(group_results(cp), mode, "triton")
+
+
+def gpu_worker(rank, world, port, out_dir):
+    """Compiled Triton kernel, bf16, NCCL: every plan kind and both modes against fp32."""
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, device_id=torch.device("cuda", rank))
+    gen = np.random.default_rng(0)
+    lengths = [int(x) for x in gen.integers(1, 900, size=8)] + [3, 1, 2500]
+    lengths.append(-sum(lengths) % (2 * world) + 2 * world)  # padding
+    errors = {}
+    try:
+        for plan_name, plan in plans(lengths, world, seed=5).items():
+            q, k, v, grad = (t.cuda() for t in inputs(plan.padded_tokens, 8, 2, 128, seed=1,
+                                                        dtype=torch.bfloat16))
+            ref_out, ref_grads = unsharded(q, k, v, plan, grad)
+            for mode in ("allgather", "ring"):
+                out, grads = sharded(q, k, v, plan, grad, mode, "triton", None)
+                errors[f"{mode}/{plan_name}"] = [rel_l2(a, b) for a, b in
+                                                 zip((out, *grads), (ref_out, *ref_grads))]
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(errors, f)
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_nccl_triton_bf16_matches_fp32_reference(tmp_path):
+    """Up to 4 GPUs (one is a cp 1 group: the kernel calls and permutations, no P2P)."""
+    world = min(torch.cuda.device_count(), 4)
+    mp.spawn(gpu_worker, args=(world, free_port(), str(tmp_path)), nprocs=world)
+    for rank in range(world):
+        errors = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert len(errors) == 10, errors
+        for case, (out, dq, dk, dv) in errors.items():
+            assert out < 1e-2 and max(dq, dk, dv) < 2e-2, (rank, case, out, dq, dk, dv)
 
 
 def test_ring_bf16_error_does_not_grow_with_ring_size(group_results):
