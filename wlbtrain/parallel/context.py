@@ -34,8 +34,10 @@ combined by the same LSE merge as the ring's. Chosen over the alternatives becau
   - per-segment key offsets in the kernel make the forward easy, but overlapping key ranges
     make the dK/dV backward accumulate from several programs into the same rows (atomics or a
     reduction pass), a larger kernel change for one saved launch.
-Per-sequence and per-document plans need two rounds (one where head and tail chunks touch).
-The cost of a round is one launch plus empty tiles for the key-only segments in the backward.
+Head/tail plans (per-sequence, per-document) need two rounds (one where the chunks touch),
+three where leftover tokens sit apart from them; the count does not grow with the number of
+documents. A round costs one launch, plus empty tiles for the key-only segments in the
+backward's dK/dV kernel (a read of K/V and a write of zeros).
 
 ``ring`` (pass-KV): each rank's K/V (in global order, stacked into one message) travels around
 the ring, cp - 1 hops of async P2P, each hop's transfer posted before the current block is
