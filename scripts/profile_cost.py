@@ -46,8 +46,10 @@ CPU_LENGTHS = [64, 128, 256, 512]
 CPU_TOKENS = [64, 128, 256, 512]
 # CP chunk shapes (q_len, k_len, chunks per call): lone leftover tokens and tiny chunks (the
 # per-chunk overhead), calls of one chunk (the per-call overhead), and long head/tail chunks.
-GPU_CP_SHAPES = [(1, 4096, 1024), (1, 32768, 128), (16, 16, 4096), (64, 64, 2048),
-                 (128, 2048, 512), (256, 256, 1), (512, 8192, 128), (2048, 2048, 64),
+# Counts are large enough that the work outlasts a call's fixed cost (about 4 ms of host time
+# per forward+backward on an H200 under gVisor), else the fit cannot tell them apart.
+GPU_CP_SHAPES = [(1, 4096, 2048), (1, 32768, 256), (16, 16, 65536), (64, 64, 16384),
+                 (128, 2048, 4096), (256, 256, 1), (512, 8192, 512), (2048, 2048, 512),
                  (4096, 32768, 16), (16384, 65536, 4), (32768, 32768, 1), (32768, 131072, 1)]
 CPU_CP_SHAPES = [(1, 32, 8), (4, 16, 8), (16, 16, 2), (16, 64, 4), (32, 32, 1)]
 
@@ -151,8 +153,11 @@ def profile_cp(cfg, shapes, device, dtype, repeats) -> dict | None:
         tile_flops.append(float(unit.chunk_costs([q_len], [k_len])[0]) * n)  # FLOPs at 1 FLOP/s
         del q, k, v
     counts = np.array([n for _, _, n in shapes], dtype=np.float64)
-    call_s, chunk_s, s_per_flop = nonnegative_fit(
-        np.stack([np.ones_like(counts), counts, np.array(tile_flops)], axis=1), np.array(seconds))
+    columns = np.stack([np.ones_like(counts), counts, np.array(tile_flops)], axis=1)
+    # relative errors: the shapes span 3 ms to 75 ms, and the short ones carry the overheads
+    weight = 1.0 / np.array(seconds)
+    call_s, chunk_s, s_per_flop = nonnegative_fit(columns * weight[:, None],
+                                                  np.array(seconds) * weight)
     if s_per_flop <= 0:  # noise swallowed the work term: the mean rate instead
         s_per_flop = sum(seconds) / sum(tile_flops)
     return {"flops_per_s": 1.0 / s_per_flop, "chunk_s": chunk_s, "call_s": call_s,

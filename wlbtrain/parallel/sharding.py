@@ -130,9 +130,13 @@ KERNEL_PASSES = (KernelPass("forward", 128, 64, 2),
 # ≈9·D·d² in tiles, so the tiles run at ≈330·9/7 ≈ 420 TFLOP/s.
 DEFAULT_TILE_FLOPS_PER_S = 420e12
 # Per chunk: its query blocks' prologue and epilogue (load Q, store O and LSE) and the scheduling
-# slot, beyond the tiles; small next to a tile row, so that tile padding is the main penalty.
-DEFAULT_CHUNK_S = 0.25e-6
-# Per rank and layer: the launches of the three kernels for the head and the tail calls.
+# slot, beyond the tiles. scripts/profile_cost.py on an H200 (7B-128K rank: 4 heads × 128) fitted
+# 432 TFLOP/s per tile FLOP and 0.42 µs per chunk, within 30% on chunk shapes from lone leftover
+# tokens to 32K×128K.
+DEFAULT_CHUNK_S = 0.4e-6
+# Per rank and layer: the launches of the three kernels for the head and the tail calls. The same
+# on every rank, so it never changes a choice; the profile measures ~3 ms of host time per
+# forward+backward call under gVisor, which a real step overlaps with other layers' GPU work.
 DEFAULT_CALL_S = 30e-6
 
 
