@@ -26,6 +26,8 @@ from wlbtrain.train import Trainer, build_optimizer
 RESHARD = [
     (["parallel.dp=2", "train.micro_batches=2"], 2, ["train.micro_batches=4"], 1),
     (["train.micro_batches=4"], 1, ["parallel.dp=2", "train.micro_batches=2"], 2),
+    (["parallel.dp=2", "train.micro_batches=2"], 2, ["parallel.tp=2", "train.micro_batches=4"], 2),
+    (["parallel.pp=2", "train.micro_batches=4"], 2, ["train.micro_batches=4"], 1),
 ]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -52,11 +54,19 @@ def losses(out_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
+def all_weights(step_dir) -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint: one model.safetensors, or one file per pipeline stage."""
+    files = sorted(step_dir.glob("model*.safetensors"))
+    assert files and ((step_dir / ckpt.WEIGHTS).exists() == (len(files) == 1))
+    return {name: t for f in files for name, t in load_file(f).items()}
+
+
 def layout_id(case):
     save, n_save, resume, n_resume = case
     return f"{' '.join(save)} x{n_save} -> {' '.join(resume)} x{n_resume}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", RESHARD, ids=layout_id)
 def test_resume_on_another_layout(tmp_path, cache, case):
     save, n_save, resume, n_resume = case
@@ -71,8 +81,8 @@ def test_resume_on_another_layout(tmp_path, cache, case):
     full, resumed = losses(tmp_path / "saved"), losses(tmp_path / "resumed")
     assert sorted(resumed) == [3, 4]
     assert [resumed[s] for s in (3, 4)] == pytest.approx([full[3], full[4]], rel=1e-5)
-    want = load_file(tmp_path / "saved/checkpoints/step-4/model.safetensors")
-    got = load_file(tmp_path / "resumed/checkpoints/step-4/model.safetensors")
+    want = all_weights(tmp_path / "saved/checkpoints/step-4")
+    got = all_weights(tmp_path / "resumed/checkpoints/step-4")
     assert got.keys() == want.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
@@ -285,15 +295,21 @@ def reference_first_loss(hf_dirs, cache):
     return loss
 
 
-@pytest.mark.parametrize("layout,nproc", [("single", 1), ("split", 1), ("split", 2)],
-                         ids=["one file", "two files and an index", "two files, dp 2"])
+DP2 = ["parallel.dp=2", "train.micro_batches=2"]
+TP2 = ["parallel.tp=2", "train.micro_batches=4"]
+
+
+@pytest.mark.parametrize("source,layout,nproc", [
+    pytest.param("single", ["train.micro_batches=4"], 1, id="one file"),
+    pytest.param("split", ["train.micro_batches=4"], 1, id="two files and an index"),
+    pytest.param("split", DP2, 2, id="two files, dp 2", marks=pytest.mark.slow),
+    pytest.param("split", TP2, 2, id="two files, tp 2", marks=pytest.mark.slow),
+])
 def test_init_from_hugging_face_weights_gives_their_first_loss(tmp_path, cache, hf_dirs,
-                                                               reference_first_loss, layout,
-                                                               nproc):
-    layout_args = ["parallel.dp=2", "train.micro_batches=2"] if nproc > 1 else \
-        ["train.micro_batches=4"]
-    done = launch(tmp_path, cache, ["train.steps=1", f"checkpoint.init_from={hf_dirs[layout]}",
-                                    *layout_args], nproc)
+                                                               reference_first_loss, source,
+                                                               layout, nproc):
+    done = launch(tmp_path, cache, ["train.steps=1", f"checkpoint.init_from={hf_dirs[source]}",
+                                    *layout], nproc)
     assert done is None or done.returncode == 0, done.stderr[-3000:]
     assert losses(tmp_path)[1] == pytest.approx(reference_first_loss, rel=1e-5)
 
