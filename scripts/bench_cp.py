@@ -260,13 +260,12 @@ def run_config(bench, cfg: ModelConfig, context_len: int, lengths_path: str, arg
     # Values do not change the time; one buffer of the largest shard serves every micro-batch.
     x_all = torch.randn(local, cfg.dim, generator=gen, device=bench.device)
     dy_all = torch.randn(local, cfg.dim, generator=gen, device=bench.device)
-    rows = []
+    rows, warmed = [], set()
     for i, lengths in enumerate(batches):
         plans, plan_ms = plan_micro_batch(lengths, bench.cp, multiple, args.sharding, estimator)
         n = plans[args.sharding[0]].padded_tokens // bench.cp
         x = x_all[:n].detach().requires_grad_()
         dy = dy_all[:n]
-        warm = args.warmup if i == 0 else 0  # first touch compiles kernels and grows caches
         row = {"lengths": lengths, "plan_ms": plan_ms,
                "applied": {s: [p.sharding, p.hybrid_threshold] for s, p in plans.items()},
                "estimate_ms": {s: p.estimate * 1e3 for s, p in plans.items()},
@@ -276,8 +275,10 @@ def run_config(bench, cfg: ModelConfig, context_len: int, lengths_path: str, arg
             seen = {}
             for s, p in plans.items():
                 if id(p) not in seen:
-                    if warm:
-                        measure_plan(p, mode, layer, x, dy, bench, warm)
+                    # the first run of a mode and plan kind compiles kernels and grows caches
+                    if args.warmup and (mode, p.sharding) not in warmed:
+                        measure_plan(p, mode, layer, x, dy, bench, args.warmup)
+                        warmed.add((mode, p.sharding))
                     seen[id(p)] = measure_plan(p, mode, layer, x, dy, bench, args.repeats)
                 row["measured"].setdefault(mode, {})[s] = seen[id(p)]
         rows.append(row)
@@ -403,7 +404,8 @@ def parse_args(argv=None):
     parser.add_argument("--mode", nargs="+", choices=context.MODES, default=list(context.MODES))
     parser.add_argument("--tp", type=int, default=1, help="emulate one TP rank's layer")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per plan (median)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed runs per plan, first micro-batch")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed runs before the first timed one of each mode and plan kind")
     parser.add_argument("--kernel", choices=["auto", *context.KERNELS], default="auto")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     parser.add_argument("--cost-profile", help="JSON with a \"cp\" section for the estimator")
