@@ -1,6 +1,8 @@
 """Every parallel layout reproduces the single-device run (gloo, CPU).
 
-Layouts are data: adding one to the matrix is one line of LAYOUTS.
+Layouts are data: adding one to the matrix is one line of LAYOUTS. They train a store of short
+and long documents, so micro-batches pack several documents, documents are split across
+micro-batches, and wlb's micro-batches differ in length.
 """
 
 import json
@@ -9,9 +11,12 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from wlbtrain.data.store import write_store
 
 TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
         "model.ffn_dim=128", "data.context=512", "train.lr=3e-3", "train.warmup_steps=2",
@@ -41,7 +46,41 @@ LAYOUTS = [
     (["parallel.dp=2", "parallel.pp=2", "train.micro_batches=2"], "PP 2 x DP 2", 4),
     (["parallel.dp=1", "parallel.pp=2", "parallel.tp=2", "train.micro_batches=4",
       "data.packing=wlb"], "PP 2 x TP 2, wlb packing", 4),
+    (["parallel.dp=1", "parallel.cp=2", "train.micro_batches=4",
+      "parallel.cp_sharding=per_sequence", "parallel.cp_attention=allgather"],
+     "CP 2 per_sequence all-gather", 2),
+    (["parallel.dp=1", "parallel.cp=2", "train.micro_batches=4", "data.packing=wlb",
+      "parallel.cp_sharding=per_document", "parallel.cp_attention=ring"],
+     "CP 2 per_document ring, wlb packing", 2),
+    (["parallel.dp=1", "parallel.cp=2", "train.micro_batches=4", "data.packing=wlb",
+      "parallel.cp_sharding=adaptive", "parallel.cp_attention=allgather"],
+     "CP 2 adaptive all-gather, wlb packing", 2),
+    (["parallel.dp=1", "parallel.cp=2", "train.micro_batches=4",
+      "parallel.cp_sharding=hybrid", "parallel.cp_attention=ring"], "CP 2 hybrid ring", 2),
+    (["parallel.dp=1", "parallel.cp=2", "parallel.tp=2", "train.micro_batches=4",
+      "data.packing=wlb", "parallel.cp_sharding=per_document"],
+     "CP 2 x TP 2 per_document, wlb packing", 4),
+    (["parallel.dp=1", "parallel.cp=2", "parallel.pp=2", "train.micro_batches=4",
+      "data.packing=wlb", "parallel.cp_sharding=adaptive", "parallel.cp_attention=ring"],
+     "CP 2 x PP 2 adaptive ring, wlb packing", 4),
+    (["parallel.dp=2", "parallel.cp=2", "train.micro_batches=2",
+      "parallel.cp_sharding=per_document"], "CP 2 x DP 2 per_document (FSDP over dp x cp)", 4),
 ]
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory):
+    """Documents of 2 to ~1500 tokens, most shorter than a micro-batch."""
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate([rng.integers(2, 120, 500), rng.integers(120, 600, 150),
+                              rng.integers(600, 1500, 30)])
+    rng.shuffle(lengths)
+    docs = [rng.integers(0, 256, n, dtype=np.int64) for n in lengths]
+    base = tmp_path_factory.mktemp("store")
+    # The FLOP cost model depends on the layout (work per rank), so wlb would plan other global
+    # batches on other layouts; one measured-style profile makes every layout plan the same.
+    (base / "cost.json").write_text(json.dumps({"attn_coef": 1e-9, "linear_coef": 1e-6}))
+    return write_store(base / "store", docs, vocab_size=256, tokenizer="byte").path
 
 
 def free_port() -> int:
@@ -50,8 +89,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(out_dir, cache, overrides, nproc):
-    args = [*TINY, f"train.out_dir={out_dir}", f"data.cache_dir={cache}", *overrides]
+def run(out_dir, source, overrides, nproc):
+    """Train ``overrides`` on the token store ``source``; (losses, final weights)."""
+    args = [*TINY, f"train.out_dir={out_dir}", f"data.source={source}",
+            f"data.cost_profile={source.parent / 'cost.json'}", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if nproc == 1:
         cmd = [sys.executable, "-m", "wlbtrain.cli", "train", "recipes/debug.yaml", *args]
@@ -70,27 +111,27 @@ def run(out_dir, cache, overrides, nproc):
 _SINGLE_RUNS: dict[tuple, tuple] = {}  # layouts sharing a reference run train it once
 
 
-def single_process_run(tmp_path_factory, overrides) -> tuple:
+def single_process_run(tmp_path_factory, store, overrides) -> tuple:
     """The single-process run of the same global batch as the layout ``overrides``."""
     single = [o for o in overrides if not o.startswith(("parallel.", "train.micro_batches"))]
     key = tuple(sorted(single))
     if key not in _SINGLE_RUNS:
         base = tmp_path_factory.mktemp("single")
-        _SINGLE_RUNS[key] = run(base / "run", tmp_path_factory.getbasetemp() / "cache",
+        _SINGLE_RUNS[key] = run(base / "run", store,
                                 [*single, "parallel.dp=1", "train.micro_batches=4"], 1)
     return _SINGLE_RUNS[key]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides,description,nproc", LAYOUTS, ids=[d for _, d, _ in LAYOUTS])
-def test_layout_matches_single_device(tmp_path, tmp_path_factory, overrides, description, nproc):
-    ref_loss, ref_weights = single_process_run(tmp_path_factory, overrides)
-    loss, weights = run(tmp_path / "layout", tmp_path_factory.getbasetemp() / "cache",
-                        overrides, nproc)
+def test_layout_matches_single_device(tmp_path, tmp_path_factory, store, overrides, description,
+                                      nproc):
+    ref_loss, ref_weights = single_process_run(tmp_path_factory, store, overrides)
+    loss, weights = run(tmp_path / "layout", store, overrides, nproc)
     assert loss == pytest.approx(ref_loss, rel=1e-5), description
     assert weights.keys() == ref_weights.keys()
     for name in weights:
-        torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-4, atol=5e-5)
 
 
 def worker_with_rank(parent: int, rank: int) -> int:

@@ -38,6 +38,8 @@ from .parallel.dims import ParallelDims, init_process_group, world_size_from_env
 from .parallel.fsdp import apply_fsdp
 from .parallel.pipeline import (PipelineRunner, build_schedule, pipeline_metrics, split_layers,
                                 stage_chunks)
+from .parallel.context import make_context_attention
+from .parallel.sharding import ShardCostEstimator, cost_balance, has_cp_profile, plan_shards
 from .parallel.tensor import apply_tp, loss_context
 
 
@@ -198,6 +200,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg)
         self.pipeline = self._build_pipeline()
         self.pipeline_record: dict = {}  # measured stage times of the last step
+        self.cp_estimator = self._cp_estimator()
+        self.cp_plans: list = []  # this rank's CP plans of the current step
 
         self.stream, self.packer = self._build_data()
         self.step = 0
@@ -243,6 +247,16 @@ class Trainer:
         model.init_weights(self.cfg.train.seed)
         return model
 
+    def _cp_estimator(self) -> ShardCostEstimator:
+        """The kernel-aware latency estimate the adaptive and hybrid shardings choose by: a
+        measured profile's, else a FLOP-based default for this model's heads per rank."""
+        profile = self.cfg.data.cost_profile
+        if profile is not None and has_cp_profile(profile):
+            model = self.cfg.model
+            return ShardCostEstimator.from_profile(profile, heads=model.n_heads // self.dims.tp,
+                                                   head_dim=model.head_dim)
+        return ShardCostEstimator.from_model(self.cfg.model, self.cfg.parallel)
+
     def _build_pipeline(self) -> PipelineRunner | None:
         par = self.cfg.parallel
         if par.pp == 1:
@@ -285,6 +299,7 @@ class Trainer:
         # FSDP averages gradients over the dp × cp ranks; the loss is already a global mean
         # (and tensor-parallel ranks compute the same one), so undo the average.
         scale = self.dims.dp_cp / max(targets, 1)
+        self.cp_plans = []
         batches = [self._local_batch(pieces) for pieces in mine]
         with loss_context(self.dims.tp):
             if self.pipeline is None:
@@ -310,8 +325,8 @@ class Trainer:
         return loss_sum
 
     def _run_pipeline(self, batches: list[LocalBatch], scale: float):
-        """This rank's side of the pipeline schedule; the summed loss (0 off the last stage) and
-        the measured micro-batch times."""
+        """This rank's side of the pipeline schedule; the summed loss (0 off the last stage).
+        The measured micro-batch times, reduced over the stages, go to ``pipeline_record``."""
         loss_sum = torch.zeros((), device=self.place.device)
         dim, tp = self.cfg.model.dim, self.dims.tp
         # FSDP casts each stage's inputs to the compute dtype; without it the residual stream
@@ -349,11 +364,27 @@ class Trainer:
 
     def _local_batch(self, pieces) -> LocalBatch:
         """What this rank feeds the model for one micro-batch: the tokens (tail padded for
-        sequence parallelism) and the attention over their segments."""
-        batch = build_micro_batch(self.store, pieces)
-        batch = pad_micro_batch(batch, self.dims.token_multiple).to(self.place.device)
-        attention = segment_attention(self.kernel, batch.cu_seqlens, batch.max_seqlen)
-        return LocalBatch(batch.tokens, batch.positions, batch.labels, attention)
+        sequence and context parallelism) and the attention over their segments; under context
+        parallelism only this rank's shard of them."""
+        batch = pad_micro_batch(build_micro_batch(self.store, pieces), self.dims.token_multiple)
+        if self.dims.cp == 1:
+            batch = batch.to(self.place.device)
+            attention = segment_attention(self.kernel, batch.cu_seqlens, batch.max_seqlen)
+            return LocalBatch(batch.tokens, batch.positions, batch.labels, attention)
+        par = self.cfg.parallel
+        plan = plan_shards([length for _, _, length in pieces], par.cp,
+                           self.dims.token_multiple, par.cp_sharding, self.cp_estimator)
+        if plan.padded_tokens != batch.num_padded_tokens:
+            raise RuntimeError(f"CP plan pads to {plan.padded_tokens} tokens, the micro-batch "
+                               f"to {batch.num_padded_tokens}")
+        self.cp_plans.append(plan)
+        index = torch.from_numpy(plan.ranks[self.coords["cp"]].token_index())
+        attention = make_context_attention(plan, self.coords["cp"], self.mesh["cp"].get_group(),
+                                           par.cp_attention, self.place.attention,
+                                           self.place.device)
+        move = lambda t: t[index].to(self.place.device, non_blocking=True)  # noqa: E731
+        return LocalBatch(move(batch.tokens), move(batch.positions), move(batch.labels),
+                          attention)
 
     def _global_loss(self, loss_sum: torch.Tensor) -> float:
         """The summed loss of the whole global batch: one contribution per data-parallel rank
@@ -388,6 +419,10 @@ class Trainer:
         flops = flops_per_step(self.cfg.model, lengths)
         multiple = self.dims.token_multiple
         padding = sum(-sum(p[2] for p in pieces) % multiple for pieces in plan)
+        cp = {}
+        if self.cp_plans:  # rank 0's micro-batches: the sharding applied, the CP ranks' balance
+            cp = {"cp_sharding": [p.sharding for p in self.cp_plans],
+                  "cp_balance": max(cost_balance(p.rank_costs) for p in self.cp_plans)}
         mfu = flops / seconds / (self.peak_flops * self.dims.world_size) if self.peak_flops else None
         return {"step": self.step, "loss": loss, "tokens": tokens,
                 "tokens_per_s": tokens / seconds,
@@ -396,7 +431,7 @@ class Trainer:
                 "padding": padding / max(tokens + padding, 1),
                 "rank_imbalance": imbalance(rank_costs),
                 "step_time_s": seconds, "lr": lr, "grad_norm": grad_norm,
-                "memory_gib": peak_memory_gib(self.place.device), **self.pipeline_record}
+                "memory_gib": peak_memory_gib(self.place.device), **cp, **self.pipeline_record}
 
     def _train_state(self) -> dict:
         return {"stream": self.stream.state_dict(), "packer": self.packer.state_dict(),

@@ -19,7 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from ..config import Config, ConfigError
 
 MESH_DIMS = ("pp", "dp", "cp", "tp")
-SUPPORTED = ("dp", "tp", "pp")  # degrees above 1 that training runs today
+SUPPORTED = ("dp", "tp", "pp", "cp")  # degrees above 1 that training runs today
 
 
 @dataclass
