@@ -144,7 +144,9 @@ def test_wlb_balances_a_long_tail_better_than_plain():
                                   for v in ("plain", "fixed", "wlb", "wlb-refine"))
     assert wlb < plain and wlb < fixed
     assert refined <= wlb + 1e-9
-    assert refined < 1.1
+    # auto thresholds at the default delay budget (0.5 steps) on a 100-step epoch: the fixed
+    # 1/4, 1/2 queues reached 1.09 here, at 0.52 steps
+    assert refined < 1.12
 
 
 def test_refine_never_raises_a_step_imbalance():

@@ -14,7 +14,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
 
@@ -62,7 +62,10 @@ class DataConfig:
     packing: Literal["plain", "fixed", "wlb"] = "plain"
     max_tokens_per_micro_batch: Optional[int] = None  # wlb cap; default: context
     cache_dir: Optional[str] = None  # where `stdlib` is prepared; default ~/.cache/wlbtrain
-    outlier_thresholds: Optional[list[int]] = None  # wlb delay-queue thresholds; default: tuned
+    # wlb delay-queue thresholds: `auto` (tuned online under max_token_delay) or token counts
+    outlier_thresholds: Union[Literal["auto"], list[int], None] = "auto"
+    # wlb with auto thresholds: average token delay (steps) the queues may cost; default 0.5
+    max_token_delay: Optional[float] = None
     fixed_window: int = 1  # global batches the fixed packer balances over
     refine: bool = True  # wlb: local search after the greedy
     # wlb: what to even out. micro_batches: what a pipeline waits for (its slowest one);
@@ -83,9 +86,14 @@ class DataConfig:
             _require_path(self.tokenizer, "data.tokenizer", "`byte` or a tokenizer.json file")
         if self.cost_profile is not None:
             _require_path(self.cost_profile, "data.cost_profile", "a cost profile JSON file")
-        if self.outlier_thresholds is not None:
+        if self.outlier_thresholds is None:  # `data.outlier_thresholds=` (empty): the default
+            self.outlier_thresholds = "auto"
+        if self.outlier_thresholds != "auto":
             _require(all(t > 0 for t in self.outlier_thresholds), "data.outlier_thresholds",
-                     "positive token counts")
+                     "`auto` or positive token counts")
+        if self.max_token_delay is not None:
+            _require(0 <= self.max_token_delay <= 1e6, "data.max_token_delay",
+                     "a number of steps >= 0")
 
 
 @dataclass
@@ -281,7 +289,17 @@ def _coerce(value, hint, key: str):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key)
+        errors = []
+        for alternative in inner:  # e.g. `auto` or a list: the first that takes the value
+            try:
+                return _coerce(value, alternative, key)
+            except ConfigError as err:
+                if isinstance(value, list) and typing.get_origin(alternative) is list:
+                    raise  # the list's own error names the bad element
+                errors.append(str(err).removeprefix(f"{key}: expected ").split(", got")[0])
+        raise ConfigError(f"{key}: expected {' or '.join(errors)}, got {value!r}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: expected one of {', '.join(map(str, args))}, got {value!r}")

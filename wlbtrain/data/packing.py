@@ -37,6 +37,7 @@ import numpy as np
 
 from wlbtrain.data.cost import CostModel
 from wlbtrain.data.refine import DEFAULT_REFINE_MOVES, refine_plan
+from wlbtrain.data.tuning import DEFAULT_MAX_TOKEN_DELAY, ThresholdTuner
 
 Piece = tuple[int, int, int]  # (doc_id, start, length)
 # A piece held by a packer also remembers the step it was pulled from the stream at:
@@ -46,6 +47,7 @@ Item = tuple[int, int, int, int]
 PACKINGS = ("plain", "fixed", "wlb")
 # wlb outlier thresholds as fractions of the longest piece; see default_outlier_thresholds.
 DEFAULT_THRESHOLD_FRACTIONS = (0.25, 0.5)
+AUTO = "auto"  # data.outlier_thresholds: tuned online (wlbtrain.data.tuning)
 
 
 def max_piece_for(packing: str, context: int, max_tokens_per_micro_batch: int) -> int:
@@ -58,7 +60,8 @@ def max_piece_for(packing: str, context: int, max_tokens_per_micro_batch: int) -
 
 
 def default_outlier_thresholds(max_piece: int) -> list[int]:
-    """Two delay queues, at 1/4 and 1/2 of the longest piece (``max_piece_for``).
+    """Two delay queues, at 1/4 and 1/2 of the longest piece (``max_piece_for``): fixed
+    thresholds' fallback, and where ``auto`` starts before it has seen any lengths.
 
     Tuned on the doclens samples (see BENCHMARKS.md, "Packing balance"): a queue adds about
     (mean length of its pieces) / (2 · context) steps of average token delay whatever its
@@ -85,14 +88,15 @@ def make_packer(packing: str, *, context: int, max_tokens_per_micro_batch: int |
                 n_micro_batches: int, cost_model: CostModel, **options) -> "Packer":
     """Build the packer named by ``data.packing``.
 
-    options (each ignored by packers it does not concern): outlier_thresholds (list[int] or None:
-    tuned default), refine (bool, default True), refine_moves (int), max_carry (tokens refine
+    options (each ignored by packers it does not concern): outlier_thresholds (list[int], or
+    "auto" / None: tuned online), max_token_delay (auto's budget of average token delay in
+    steps; default DEFAULT_MAX_TOKEN_DELAY), refine (bool, default True), refine_moves (int), max_carry (tokens refine
     may hold back per step; default: context), fixed_window (int, default 1), ranks (wlb: None
     balances micro-batches, for a pipeline; an int balances the sums of that many DP ranks'
     micro-batches, for data parallelism without a pipeline).
     """
     _check_packing(packing)
-    known = {"outlier_thresholds", "refine", "refine_moves", "max_carry", "fixed_window", "ranks"}
+    known = {"outlier_thresholds", "max_token_delay", "refine", "refine_moves", "max_carry", "fixed_window", "ranks"}
     unknown = set(options) - known
     if unknown:
         raise ValueError(f"unknown packer option(s) {', '.join(sorted(unknown))}; "
@@ -109,7 +113,8 @@ def make_packer(packing: str, *, context: int, max_tokens_per_micro_batch: int |
                      thresholds=options.get("outlier_thresholds"),
                      refine=True if options.get("refine") is None else options["refine"],
                      refine_moves=options.get("refine_moves", DEFAULT_REFINE_MOVES),
-                     max_carry=options.get("max_carry"), ranks=options.get("ranks"))
+                     max_carry=options.get("max_carry"), ranks=options.get("ranks"),
+                     max_token_delay=options.get("max_token_delay"))
 
 
 def _check_packing(packing: str) -> None:
@@ -392,9 +397,9 @@ class WlbPacker(Packer):
     name = "wlb"
 
     def __init__(self, n_micro_batches: int, cost_model: CostModel, context: int, max_tokens: int,
-                 thresholds: Optional[list[int]] = None, refine: bool = True,
+                 thresholds: Optional[list[int] | str] = None, refine: bool = True,
                  refine_moves: int = DEFAULT_REFINE_MOVES, max_carry: Optional[int] = None,
-                 ranks: Optional[int] = None):
+                 ranks: Optional[int] = None, max_token_delay: Optional[float] = None):
         super().__init__(n_micro_batches, cost_model)
         if max_tokens <= 0:
             raise ValueError(f"max_tokens_per_micro_batch must be positive, got {max_tokens}")
@@ -406,12 +411,6 @@ class WlbPacker(Packer):
         self.unit_tokens = max_tokens * (n_micro_batches // self.units)
         self.context = context
         self.max_tokens = max_tokens
-        self.thresholds = sorted(thresholds) if thresholds is not None \
-            else default_outlier_thresholds(min(context, max_tokens))
-        if any(t <= 0 for t in self.thresholds):
-            raise ValueError(f"outlier thresholds must be positive, got {self.thresholds}")
-        bounds = self.thresholds + [np.iinfo(np.int64).max]
-        self.queues = [OutlierQueue(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
         self.refine = refine
         self.refine_moves = refine_moves
         self.max_carry = context if max_carry is None else max_carry
@@ -420,15 +419,34 @@ class WlbPacker(Packer):
         # but never more than the micro-batches can hold: a step that pulled n·context tokens
         # into n·max_tokens of room (max_tokens < context) would carry the excess over forever
         self.budget = n_micro_batches * min(context, max_tokens)
+        max_piece = min(context, max_tokens)
+        self.tuner: Optional[ThresholdTuner] = None
+        if thresholds is None or thresholds == AUTO:
+            delay = DEFAULT_MAX_TOKEN_DELAY if max_token_delay is None else max_token_delay
+            self.tuner = ThresholdTuner(max_piece, self.units, self.unit_tokens, self.budget,
+                                        cost_model, delay)
+            thresholds = default_outlier_thresholds(max_piece)
+        elif isinstance(thresholds, str):
+            raise ValueError(f"outlier thresholds {thresholds!r}: expected {AUTO!r} or a list of "
+                             f"token counts")
+        self.thresholds = sorted(int(t) for t in thresholds)
+        if any(t <= 0 for t in self.thresholds):
+            raise ValueError(f"outlier thresholds must be positive, got {self.thresholds}")
+        self.queues = _queues(self.thresholds)
 
     def _plan(self, stream):
+        if self.tuner is not None:
+            moved = self.tuner.step(self.step, self.thresholds)
+            if moved is not None:
+                self._move_thresholds(moved)
         groups, pool = self._gather(stream)
         if not groups and not pool:
             return None
         units, cap, cm = self.units, self.unit_tokens, self.cost_model
         bins, returned = place_outlier_groups(groups, units, cap, cm)
         for item in reversed(returned):  # back to the head of its queue: FIFO order kept
-            self._queue_for(item[2]).items.appendleft(item)
+            if not self._return_to_queue(item):
+                pool.append(item)
         # Carried pieces first, whatever their length: otherwise the same short pieces lose to
         # fresh longer ones step after step and their delay grows without bound. Refine holds
         # back only fresh pieces, so nothing starves there either.
@@ -470,6 +488,8 @@ class WlbPacker(Packer):
             if item is None:
                 exhausted = True
                 break
+            if self.tuner is not None:
+                self.tuner.observe(item[2])
             queue = self._queue_for(item[2])
             if queue is None:
                 pool.append(item)
@@ -493,21 +513,63 @@ class WlbPacker(Packer):
                 return queue
         return None
 
+    def _move_thresholds(self, thresholds: list[int]) -> None:
+        """Give the queues new bands without releasing what they hold.
+
+        Queue i keeps its pieces, in order, and takes band i; the pieces of queues beyond the
+        new count join the new top queue (merged oldest first). A piece outside its queue's new
+        band leaves with that queue's next group, next to lengths it was queued with. Only
+        without any queue left do held outliers move, into the carry-over, placed first next step.
+        """
+        old = self.queues
+        self.thresholds = list(thresholds)
+        self.queues = _queues(self.thresholds)
+        for queue, prev in zip(self.queues, old):
+            queue.items = prev.items
+        spill = [item for prev in old[len(self.queues):] for item in prev.items]
+        if spill and self.queues:
+            top = self.queues[-1]
+            top.items = deque(sorted([*top.items, *spill], key=lambda it: it[3]))
+        elif spill:
+            self.carry += spill
+
+    def _return_to_queue(self, item: Item) -> bool:
+        # after the thresholds moved, a piece may lie below every band: the lowest queue takes it
+        queue = self._queue_for(item[2]) or (self.queues[0] if self.queues else None)
+        if queue is not None:
+            queue.items.appendleft(item)
+        return queue is not None
+
     def _held(self):
         return list(self.carry) + [item for q in self.queues for item in q.items]
 
     def _state(self):
-        return {"thresholds": list(self.thresholds), "ranks": self.ranks,
-                "carry": [list(i) for i in self.carry],
-                "queues": [[list(i) for i in q.items] for q in self.queues]}
+        state = {"thresholds": list(self.thresholds), "ranks": self.ranks,
+                 "carry": [list(i) for i in self.carry],
+                 "queues": [[list(i) for i in q.items] for q in self.queues]}
+        if self.tuner is not None:
+            state["tuner"] = self.tuner.state_dict()
+        return state
 
     def _load(self, state):
-        if list(state["thresholds"]) != list(self.thresholds):
+        thresholds = [int(t) for t in state["thresholds"]]
+        if self.tuner is None and thresholds != list(self.thresholds):
             raise ValueError(f"packer state has outlier thresholds {state['thresholds']}, this run "
                              f"{self.thresholds}: resume with the same data.outlier_thresholds")
+        # auto: the saved thresholds are where tuning had moved the queues; a state from fixed
+        # thresholds (no "tuner") resumes with those and an empty window
+        self.thresholds = thresholds
+        self.queues = _queues(thresholds)
+        if self.tuner is not None and "tuner" in state:
+            self.tuner.load_state_dict(state["tuner"])
         self.carry = _items(state["carry"])
         for queue, items in zip(self.queues, state["queues"]):
             queue.items = deque(_items(items))
+
+
+def _queues(thresholds: list[int]) -> list[OutlierQueue]:
+    bounds = list(thresholds) + [np.iinfo(np.int64).max]
+    return [OutlierQueue(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 def deal_by_tokens(items: list[Item], k: int, capacity: int) -> tuple[list[list[Item]], list[Item]]:

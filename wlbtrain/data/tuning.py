@@ -1,0 +1,321 @@
+"""Online tuning of the wlb packer's outlier-queue thresholds under a token-delay budget.
+
+Fixed thresholds are one point on a balance / delay frontier that moves with the data: where
+they sit decides which pieces wait for similar ones (balance) and how long (delay). With
+``data.outlier_thresholds: auto`` the packer keeps a bounded window of the piece lengths it
+pulled and, every few steps, places its queues to minimise the estimated imbalance of a step
+while the estimated average token delay stays within ``data.max_token_delay`` steps.
+
+The estimate replays the window in stream order, as the packer sees it, without packing:
+
+- a step is ``budget`` tokens of the window (``cumsum // budget``); a queued piece joins the step
+  in which its queue fills (FIFO groups of ``units`` pieces), a piece below the lowest threshold
+  the step it arrives in;
+- at the cap every micro-batch is full, so a micro-batch with a piece of length L costs at least
+  a·L² + a·(cap − L)·s̄ + b·cap, where s̄ (= Σd²/Σd over the unqueued pieces) is the attention per
+  token of the short pieces that fill the rest: the packer cannot even it out by adding work;
+- a step's imbalance is max(that floor over its pieces, the mean) / mean;
+- a piece's delay is the release step of its group minus its arrival step (a group the window
+  ends before is completed at the queue's observed rate), token-weighted as ``plan`` reports it.
+
+It ignores what the greedy and refine do within a step (threshold-independent), so it ranks
+threshold sets rather than predicting the exact numbers; BENCHMARKS.md compares both.
+Everything is a pure function of the observed lengths, so a resumed run tunes identically.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Optional
+
+import numpy as np
+
+from wlbtrain.data.cost import CostModel
+
+# The short pieces beside a long one are the shortest the greedy has: count them at this share
+# of the short pool's attention per token (0: free, 1: average) in a micro-batch's cost floor.
+FILL_SHARE = 0.5
+# Average token delay (steps) the tuner may spend when data.max_token_delay is not set; see
+# BENCHMARKS.md "Tuned outlier queues": at 0.5 (the paper's delay) every family but the
+# short-heavy ones meets 1.05, and at 1.0 they do too at twice the delay.
+DEFAULT_MAX_TOKEN_DELAY = 0.5
+# Pieces remembered: enough to hold dozens of pieces of a band that is 1% of the pieces, and
+# small enough that an estimate takes well under a millisecond and state.json stays small.
+TUNE_WINDOW = 4096
+# Steps between retunes once warmed up; before that at steps 1, 2, 4, 8 (the window grows fast).
+RETUNE_EVERY = 16
+# Candidate thresholds as fractions of the longest piece: below 1/10 the greedy balances pieces
+# by itself; the grid is coarse on purpose, the estimate is not finer than that.
+CANDIDATE_FRACTIONS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+MAX_QUEUES = 3
+# Estimated imbalance one step of delay is worth: only breaks near-ties, towards less delay.
+DELAY_WEIGHT = 0.01
+# Estimates a step may spend on a search (each well under a millisecond at TUNE_WINDOW): a
+# search of ~40 estimates then spans ~10 steps, within RETUNE_EVERY.
+EVALS_PER_STEP = 4
+# New thresholds must beat the current ones by this much on the same window: moving queues
+# churns their groups, and estimates from neighbouring windows differ by noise.
+RETUNE_MIN_GAIN = 0.003
+
+
+def estimate(lengths: np.ndarray, thresholds: list[int], units: int, unit_tokens: int,
+             budget: int, cost_model: CostModel) -> tuple[float, float]:
+    """(mean step imbalance, token-weighted mean delay in steps) of ``thresholds`` on a window.
+
+    lengths: [W] piece lengths in stream order; units: micro-batches (or ranks) per step, the
+    size of a released group; unit_tokens: a unit's cap; budget: tokens a step pulls.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    size = lengths.size
+    if size == 0 or lengths.sum() <= 0:
+        return 1.0, 0.0
+    band = np.searchsorted(np.asarray(sorted(thresholds), dtype=np.int64), lengths, side="right")
+    # where each piece counts towards a step's budget: a queued one where its group completes
+    counted = np.arange(size, dtype=np.float64)
+    for k in range(1, len(thresholds) + 1):
+        _group_release(np.flatnonzero(band == k), units, counted)
+    order = np.argsort(counted, kind="stable")
+    sl = lengths[order]
+    before = np.cumsum(sl) - sl
+    # a released group goes whole into the step its first piece falls in; whatever a step
+    # pulled past its room (groups, the piece that crossed the budget) waits one step
+    key = counted[order]
+    head = np.r_[True, key[1:] != key[:-1]]
+    first = np.maximum.accumulate(np.where(head, np.arange(size), 0))
+    step = np.empty(size, dtype=np.int64)
+    step[order] = before[first] // budget
+    tail = np.r_[head[1:], True]
+    unit_end = (before + sl)[tail]
+    boundary = (before[head] // budget + 1) * budget
+    slack = units * unit_tokens - budget
+    overshoot = float(np.maximum(unit_end - boundary - slack, 0).sum())
+    # a piece arrives in the step being filled when the stream reached it
+    at = np.minimum(np.searchsorted(key, np.arange(size), side="left"), size - 1)
+    arrival = before[at] // budget
+    inside = counted < size
+    n_steps = int(step[inside].max()) + 1 if inside.any() else 1
+    wait = np.where(inside, step - arrival, 0).astype(np.float64)
+    wait += _censored_wait(band, inside, units, n_steps, arrival, len(thresholds))
+    delay = float(((wait * lengths).sum() + overshoot) / lengths.sum())
+    return _step_imbalance(lengths, band, step, inside, n_steps, units, unit_tokens, budget,
+                           cost_model), delay
+
+
+def _group_release(idx: np.ndarray, units: int, counted: np.ndarray) -> None:
+    """One queue's pieces (window positions ``idx``, FIFO) leave in groups of ``units``, where
+    the group's last piece arrives; a group the window ends before is placed after it."""
+    whole = idx.size // units * units
+    if whole:
+        counted[idx[:whole]] = np.repeat(idx[units - 1:whole:units], units) + 0.5
+    counted[idx[whole:]] = counted.size + 1
+
+
+def _censored_wait(band, inside, units, n_steps, arrival, n_queues) -> np.ndarray:
+    """Wait of pieces still queued when the window ends: to its end, then as long as the missing
+    pieces of their group take to come at the band's observed rate."""
+    wait = np.zeros(band.size)
+    for k in range(1, n_queues + 1):
+        rest = np.flatnonzero((band == k) & ~inside)
+        if rest.size:
+            rate = max(int((band == k).sum()), 1) / n_steps
+            wait[rest] = (n_steps - 1 - arrival[rest]) + (units - rest.size) / rate
+    return wait
+
+
+def _step_imbalance(lengths, band, step, inside, n_steps, units, unit_tokens, budget,
+                    cost_model) -> float:
+    """Mean over the window's full steps of max(the costliest micro-batch's floor, mean) / mean.
+
+    A step trains ``budget`` tokens (what it pulls past that waits, what it lacks comes from
+    the carry-over): its queued pieces as they are, its unqueued ones scaled to the rest.
+    """
+    a, b = cost_model.attn_coef, cost_model.linear_coef
+    d = lengths.astype(np.float64)
+    queued, short = band > 0, d[band == 0]
+    per_token = float((short ** 2).sum() / short.sum()) if short.size else 0.0
+    floor = a * d * d + a * np.maximum(unit_tokens - d, 0) * FILL_SHARE * per_token \
+        + b * unit_tokens
+    full = inside & (step < n_steps - 1)  # the window's last step is partial
+    if not full.any():
+        full = inside
+    s = step[full]
+
+    def per_step(weights):
+        return np.bincount(s, weights=weights[full], minlength=n_steps)
+
+    t_q, q_q = per_step(d * queued), per_step(d * d * queued)
+    t_u, q_u = per_step(d * ~queued), per_step(d * d * ~queued)
+    room = np.maximum(budget - t_q, 0)
+    attn = q_q + np.where(t_u > 0, q_u * room / np.maximum(t_u, 1), room * per_token)
+    mean = (a * attn + b * np.maximum(budget, t_q)) / units
+    peak = np.zeros(n_steps)
+    np.maximum.at(peak, s, floor[full])
+    used = np.bincount(s, minlength=n_steps) > 0
+    if not used.any():
+        return 1.0
+    return float(np.mean(np.maximum(peak[used], mean[used]) / mean[used]))
+
+
+def tune(lengths, max_piece: int, units: int, unit_tokens: int, budget: int,
+         cost_model: CostModel, max_token_delay: float) -> tuple[list[int], float]:
+    """Thresholds that minimise the estimated imbalance (plus DELAY_WEIGHT × delay) with the
+    estimated delay within ``max_token_delay``, all at once (``ThresholdSearch`` spreads the same
+    search over steps). Returns (thresholds, score)."""
+    search = ThresholdSearch.start(lengths, max_piece, [])
+    while not search.done:
+        search.advance(10 ** 9, units, unit_tokens, budget, cost_model, max_token_delay)
+    return search.best, search.best_score
+
+
+def _score(lengths, ts, units, unit_tokens, budget, cost_model, max_token_delay) -> float:
+    imb, delay = estimate(lengths, ts, units, unit_tokens, budget, cost_model)
+    return imb + DELAY_WEIGHT * delay if delay <= max_token_delay else np.inf
+
+
+class ThresholdSearch:
+    """Forward selection on CANDIDATE_FRACTIONS of the longest piece (add the threshold that
+    helps most, up to MAX_QUEUES), then each threshold nudged to its grid neighbours; on a
+    snapshot of the window, a bounded number of estimates per ``advance`` so that no step pays
+    for a whole search. Its fields are plain lists and numbers: it is saved with the packer."""
+
+    def __init__(self, lengths, grid, current, stage, best, best_score, todo, stage_best,
+                 stage_score, current_score):
+        self.lengths, self.grid, self.current = lengths, grid, current
+        self.stage, self.best, self.best_score = stage, best, best_score
+        self.todo, self.stage_best, self.stage_score = todo, stage_best, stage_score
+        self.current_score = current_score
+
+    @classmethod
+    def start(cls, lengths, max_piece: int, current: list[int]) -> "ThresholdSearch":
+        grid = sorted({max(1, int(max_piece * f)) for f in CANDIDATE_FRACTIONS})
+        # stage 0 scores "no queue" and the current thresholds; then forward rounds 1..MAX_QUEUES
+        return cls(np.asarray(lengths, dtype=np.int64), grid, list(current), 0, [], np.inf,
+                   [[], list(current)], [], np.inf, np.inf)
+
+    @property
+    def done(self) -> bool:
+        return self.stage < 0
+
+    def advance(self, evals: int, units, unit_tokens, budget, cost_model, max_token_delay) -> None:
+        while evals > 0 and not self.done:
+            if self.todo:
+                ts = self.todo.pop(0)
+                score = _score(self.lengths, ts, units, unit_tokens, budget, cost_model,
+                               max_token_delay)
+                evals -= 1
+                if ts == self.current:
+                    self.current_score = score
+                if ts and self.stage == 0:
+                    continue  # the current thresholds are only the bar to beat
+                if score < self.stage_score:
+                    self.stage_best, self.stage_score = ts, score
+                continue
+            self._next_stage()
+
+    def _next_stage(self) -> None:
+        improved = self.stage_score < self.best_score
+        if improved:
+            self.best, self.best_score = self.stage_best, self.stage_score
+        last_forward = self.stage >= MAX_QUEUES
+        if self.stage > 0 and (not improved or last_forward) or self.stage > MAX_QUEUES:
+            if self.stage <= MAX_QUEUES:  # forward selection ended: one nudging pass
+                self.stage = MAX_QUEUES + 1
+                self.todo = self._nudges()
+                self.stage_best, self.stage_score = self.best, self.best_score
+                if self.todo:
+                    return
+            self.stage = -1
+            return
+        self.stage += 1
+        self.todo = [sorted(self.best + [t]) for t in self.grid if t not in self.best]
+        self.stage_best, self.stage_score = self.best, self.best_score
+
+    def _nudges(self) -> list[list[int]]:
+        out = []
+        for i, t in enumerate(self.best):
+            for u in _neighbours(self.grid, t):
+                ts = sorted(self.best[:i] + [u] + self.best[i + 1:])
+                if u not in self.best and ts not in out:
+                    out.append(ts)
+        return out
+
+    def state_dict(self) -> dict:
+        def num(x):
+            return None if not np.isfinite(x) else float(x)
+        return {"lengths": self.lengths.tolist(), "grid": self.grid, "current": self.current,
+                "stage": self.stage, "best": self.best, "best_score": num(self.best_score),
+                "todo": self.todo, "stage_best": self.stage_best,
+                "stage_score": num(self.stage_score), "current_score": num(self.current_score)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "ThresholdSearch":
+        def num(x):
+            return np.inf if x is None else float(x)
+        ints = lambda xs: [int(v) for v in xs]  # noqa: E731
+        return cls(np.asarray(state["lengths"], dtype=np.int64), ints(state["grid"]),
+                   ints(state["current"]), int(state["stage"]), ints(state["best"]),
+                   num(state["best_score"]), [ints(t) for t in state["todo"]],
+                   ints(state["stage_best"]), num(state["stage_score"]),
+                   num(state["current_score"]))
+
+
+def _neighbours(grid: list[int], t: int) -> list[int]:
+    i = grid.index(t) if t in grid else int(np.searchsorted(grid, t))
+    return [grid[j] for j in (i - 1, i + 1) if 0 <= j < len(grid)]
+
+
+class ThresholdTuner:
+    """The window of observed piece lengths, and a search in progress; the packer owns the
+    queues. Every RETUNE_EVERY steps (at 1, 2, 4, 8 while the window fills) a search starts on
+    a snapshot of the window and runs EVALS_PER_STEP estimates a step; when it ends, its best
+    thresholds replace the current ones if clearly better on that snapshot.
+
+    units, unit_tokens, budget: as the packer's (see ``estimate``); max_piece: the longest piece
+    the stream emits (the grid scales with it).
+    """
+
+    def __init__(self, max_piece: int, units: int, unit_tokens: int, budget: int,
+                 cost_model: CostModel, max_token_delay: float, window: int = TUNE_WINDOW):
+        if not (max_token_delay >= 0):
+            raise ValueError(f"max_token_delay must be >= 0 steps, got {max_token_delay}")
+        self.max_piece, self.units, self.unit_tokens = max_piece, units, unit_tokens
+        self.budget, self.cost_model = budget, cost_model
+        self.max_token_delay = float(max_token_delay)
+        self.window: deque[int] = deque(maxlen=window)
+        self.search: Optional[ThresholdSearch] = None
+        self.retunes = 0  # how many times the thresholds moved
+
+    def observe(self, length: int) -> None:
+        self.window.append(int(length))
+
+    @staticmethod
+    def due(step: int) -> bool:
+        return step > 0 and (step % RETUNE_EVERY == 0 or (step < RETUNE_EVERY and step & (step - 1) == 0))
+
+    def step(self, step: int, current: list[int]) -> Optional[list[int]]:
+        """Advance the tuning by one packer step; new thresholds, or None to keep ``current``."""
+        if self.search is None and self.due(step) and self.window:
+            self.search = ThresholdSearch.start(list(self.window), self.max_piece, current)
+        if self.search is None:
+            return None
+        self.search.advance(EVALS_PER_STEP, self.units, self.unit_tokens, self.budget,
+                            self.cost_model, self.max_token_delay)
+        if not self.search.done:
+            return None
+        search, self.search = self.search, None
+        if search.best == list(current) or not search.best_score < search.current_score - RETUNE_MIN_GAIN:
+            return None
+        self.retunes += 1
+        return search.best
+
+    def state_dict(self) -> dict:
+        return {"window": list(self.window), "max_token_delay": self.max_token_delay,
+                "retunes": self.retunes,
+                "search": None if self.search is None else self.search.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.window.clear()
+        self.window.extend(int(v) for v in state["window"])
+        self.retunes = int(state.get("retunes", 0))
+        search = state.get("search")
+        self.search = None if search is None else ThresholdSearch.from_state(search)
