@@ -169,7 +169,8 @@ def tune(lengths, max_piece: int, units: int, unit_tokens: int, budget: int,
 
 def _score(lengths, ts, units, unit_tokens, budget, cost_model, max_token_delay) -> float:
     imb, delay = estimate(lengths, ts, units, unit_tokens, budget, cost_model)
-    return imb + DELAY_WEIGHT * delay if delay <= max_token_delay else np.inf
+    # no queue is always allowed: the carry-over's own delay is not the queues' to save
+    return imb + DELAY_WEIGHT * delay if delay <= max_token_delay or not ts else np.inf
 
 
 class ThresholdSearch:

@@ -1,0 +1,191 @@
+"""Online tuning of the outlier queues, and the wlb packer on generated length families at the
+paper's layouts: exactly-once, caps, never worse than plain, resumable while thresholds move."""
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from wlbtrain.data.cost import CostModel, imbalance
+from wlbtrain.data.families import FAMILIES
+from wlbtrain.data.packing import make_packer, max_piece_for
+from wlbtrain.data.stream import DocumentStream
+from wlbtrain.data.tuning import ThresholdSearch, ThresholdTuner, estimate, tune
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_packing import RecordingStream, assert_same_tokens  # noqa: E402
+
+CONTEXT = 4096
+COST = CostModel(attn_coef=1e-9, linear_coef=2e-6)  # attention = the rest at 2K tokens
+
+
+def pieces(lengths, max_piece=CONTEXT):
+    stream, out = DocumentStream(lengths, 0, max_piece, loop=False), []
+    while (p := stream.next()) is not None:
+        out.append(p[2])
+    return np.array(out)
+
+
+def long_tail(n=2500, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.pareto(1.1, n) * 150 + 1).astype(np.int64)
+
+
+def test_queues_lower_the_estimated_imbalance_and_cost_delay():
+    window = pieces(long_tail())
+    none = estimate(window, [], 4, CONTEXT, 4 * CONTEXT, COST)
+    two = estimate(window, [1024, 2048], 4, CONTEXT, 4 * CONTEXT, COST)
+    three = estimate(window, [1024, 2048, 3072], 4, CONTEXT, 4 * CONTEXT, COST)
+    assert three[0] < two[0] < none[0]
+    assert none[1] < two[1] < three[1]
+
+
+def test_the_estimate_tracks_the_packer():
+    """Not a prediction to the digit, but close enough to rank threshold sets."""
+    lengths = long_tail()
+    window = pieces(lengths)
+    for thresholds in ([2048], [1024, 2048, 3072]):
+        est_imb, est_delay = estimate(window, thresholds, 4, CONTEXT, 4 * CONTEXT, COST)
+        packer = make_packer("wlb", context=CONTEXT, n_micro_batches=4, cost_model=COST,
+                             refine=False, outlier_thresholds=thresholds)
+        stream, imb, delays, weights = DocumentStream(lengths, 0, CONTEXT, loop=False), [], [], []
+        while (plan := packer.pack(stream)) is not None:
+            imb.append(imbalance([COST.micro_batch_cost(p[2] for p in mb) for mb in plan]))
+            delays += [d for mb in packer.last_delays for d in mb]
+            weights += [p[2] for mb in plan for p in mb]
+        assert abs(est_imb - np.mean(imb[:-2])) < 0.05
+        assert abs(est_delay - np.average(delays, weights=weights)) < 0.1
+
+
+@pytest.mark.parametrize("budget", [0.0, 0.3, 0.8])
+def test_tune_keeps_the_estimated_delay_within_the_budget(budget):
+    window = pieces(long_tail(seed=1))
+    thresholds, score = tune(window, CONTEXT, 4, CONTEXT, 4 * CONTEXT, COST, budget)
+    imb, delay = estimate(window, thresholds, 4, CONTEXT, 4 * CONTEXT, COST)
+    assert np.isfinite(score)
+    if budget == 0.0:  # no queue at all, whatever the carry-over's own delay
+        assert thresholds == []
+    else:  # within the budget, and a budget that allows queues buys balance with them
+        assert delay <= budget
+        assert imb < estimate(window, [], 4, CONTEXT, 4 * CONTEXT, COST)[0]
+
+
+def test_search_spread_over_steps_finds_what_one_search_finds():
+    window = pieces(long_tail(seed=2))
+    whole, _ = tune(window, CONTEXT, 4, CONTEXT, 4 * CONTEXT, COST, 0.6)
+    search, rounds = ThresholdSearch.start(window, CONTEXT, [1024]), 0
+    while not search.done:
+        search = ThresholdSearch.from_state(json.loads(json.dumps(search.state_dict())))
+        search.advance(3, 4, CONTEXT, 4 * CONTEXT, COST, 0.6)
+        rounds += 1
+    assert search.best == whole and rounds > 5
+
+
+def auto_packer(budget=0.5, refine=True):
+    return make_packer("wlb", context=CONTEXT, n_micro_batches=4, cost_model=COST,
+                       refine=refine, outlier_thresholds="auto", max_token_delay=budget)
+
+
+def test_auto_moves_thresholds_and_keeps_every_token_exactly_once():
+    lengths = long_tail(n=4000, seed=3)
+    stream, packer = RecordingStream(lengths, 0, CONTEXT, loop=False), auto_packer()
+    seen, trained = {tuple(packer.thresholds)}, []
+    while (plan := packer.pack(stream)) is not None:
+        seen.add(tuple(packer.thresholds))
+        trained += [p for mb in plan for p in mb]
+        assert all(sum(p[2] for p in mb) <= CONTEXT for mb in plan)
+    assert len(seen) > 1 and packer.tuner.retunes >= 1
+    assert packer.pending() == []
+    assert_same_tokens(lengths, trained, stream.emitted)
+
+
+def test_moving_thresholds_keeps_queued_pieces_queued():
+    packer = auto_packer()
+    packer._move_thresholds([1000, 2000])
+    packer.queues[0].items.extend([(0, 0, 1500, 3), (1, 0, 1200, 5)])
+    packer.queues[1].items.extend([(2, 0, 2500, 1), (3, 0, 3000, 4)])
+    carry = [(4, 0, 10, 5)]
+    packer.carry = list(carry)
+    packer._move_thresholds([3000])  # fewer queues: the rest join the top one, oldest first
+    assert [it[0] for it in packer.queues[0].items] == [2, 0, 3, 1]
+    packer._move_thresholds([500, 1000, 3000])  # more: queue 0 keeps them, nothing released
+    assert [it[0] for it in packer.queues[0].items] == [2, 0, 3, 1]
+    assert packer.carry == carry and len(packer.pending()) == 5
+
+
+def test_resume_mid_search_plans_identically():
+    lengths = long_tail(n=3000, seed=5)
+    stream, packer = DocumentStream(lengths, 1, CONTEXT, loop=True), auto_packer(refine=False)
+    for _ in range(17):  # a search starts at step 16 and runs over several steps
+        packer.pack(stream)
+    assert packer.tuner.search is not None
+    saved = json.loads(json.dumps({"s": stream.state_dict(), "p": packer.state_dict()}))
+    expected = [packer.pack(stream) for _ in range(20)]
+    stream2, packer2 = DocumentStream(lengths, 1, CONTEXT, loop=True), auto_packer(refine=False)
+    stream2.load_state_dict(saved["s"])
+    packer2.load_state_dict(saved["p"])
+    assert [packer2.pack(stream2) for _ in range(20)] == expected
+    assert packer2.thresholds == packer.thresholds
+
+
+def test_tuner_rejects_a_negative_budget():
+    with pytest.raises(ValueError, match="max_token_delay"):
+        ThresholdTuner(CONTEXT, 4, CONTEXT, 4 * CONTEXT, COST, -1.0)
+
+
+# ------------------------------------------------------------- families at the paper's layouts
+
+# (context, micro-batches per step, cost model) of 7B-128K (TP8 CP2 PP4) and 550M-64K (TP2 CP2
+# PP4 DP2) from FLOP counts, as scripts/bench_packing.py builds them
+LAYOUTS = {
+    "7B-128K": (131072, 4, CostModel.from_model(
+        SimpleNamespace(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008,
+                        vocab_size=32000), SimpleNamespace(tp=8, cp=2, pp=4))),
+    "550M-64K": (65536, 8, CostModel.from_model(
+        SimpleNamespace(dim=1536, n_layers=16, n_heads=16, n_kv_heads=16, ffn_dim=4096,
+                        vocab_size=32000), SimpleNamespace(tp=2, cp=2, pp=4))),
+}
+STEPS = 16
+# Steps left out of the balance: the queues are still filling, and the first search runs.
+WARM_UP = 4
+
+
+def run_family(family, layout, packing, **options):
+    context, n, cost = LAYOUTS[layout]
+    lengths = FAMILIES[family](6000, seed=7)
+    # one epoch with tokens for STEPS at either layout (and no more: coverage checks are per token)
+    lengths = lengths[:np.searchsorted(np.cumsum(lengths), 3 * STEPS * n * context) + 1]
+    stream = RecordingStream(lengths, 0, max_piece_for(packing, context, context), loop=False)
+    packer = make_packer(packing, context=context, max_tokens_per_micro_batch=context,
+                         n_micro_batches=n, cost_model=cost, **options)
+    plans, delays, weights = [], [], []
+    for _ in range(STEPS):
+        plans.append(packer.pack(stream))
+        assert plans[-1] is not None, "the family ran out of documents"
+        delays += [d for mb in packer.last_delays for d in mb]
+        weights += [p[2] for mb in plans[-1] for p in mb]
+    trained = [p for plan in plans for mb in plan for p in mb]
+    assert_same_tokens(lengths, trained + packer.pending(), stream.emitted)
+    assert all(sum(p[2] for p in mb) <= context for plan in plans for mb in plan)
+    imb = np.mean([imbalance([cost.micro_batch_cost(p[2] for p in mb) for mb in plan])
+                   for plan in plans[WARM_UP:]])
+    return imb, np.average(delays, weights=weights)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_families_at_paper_layouts(family, layout):
+    plain, _ = run_family(family, layout, "plain")
+    wlb, delay = run_family(family, layout, "wlb")
+    # on 12 steps past warm-up a queue of near-context pieces (all-long, bimodal at 64K) can
+    # still be waiting for its group; over hundreds of steps wlb is strictly better on every
+    # family (scripts/bench_packing.py, BENCHMARKS.md)
+    assert wlb <= plain * 1.02
+    # 12 steps: the tuner has run its warm-up searches only; the 0.5-step budget plus what the
+    # carry-over and not-yet-full queues add on so short a run
+    assert delay <= 1.0
+    if family == "all-short":  # nothing to delay, and short pieces balance by themselves
+        assert wlb < 1.02 and delay < 0.05
