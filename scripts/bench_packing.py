@@ -34,6 +34,7 @@ from wlbtrain.metrics import device_name  # noqa: E402
 from wlbtrain.data.packing import default_outlier_thresholds, make_packer, max_piece_for  # noqa: E402
 from wlbtrain.data.stream import DocumentStream  # noqa: E402
 from wlbtrain.plan import simulate  # noqa: E402
+from wlbtrain.data.families import FAMILIES  # noqa: E402
 
 DOCLENS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "doclens")
 FILES = {"fig3": "wlbllm_fig3.json", "wiki": "wikipedia_1m.txt"}
@@ -122,15 +123,49 @@ def table(name, lengths, steps, seed) -> str:
     return "\n".join(rows + [""] + notes)
 
 
+# auto thresholds at the default cap (= context): the issue-10 table over families and files
+AUTO_VARIANTS = [
+    ("plain", "plain", {}),
+    ("wlb (greedy), auto 0.5", "wlb", {"refine": False, "max_token_delay": 0.5}),
+    ("wlb + refine, auto 0.5", "wlb", {"refine": True, "max_token_delay": 0.5}),
+    ("wlb + refine, auto 1.0", "wlb", {"refine": True, "max_token_delay": 1.0}),
+]
+
+
+def families_table(doclens, steps, seed, n_docs=20000) -> str:
+    """One row per (layout, length source): imbalance / delay / pack ms p99 per variant."""
+    sources = {name: fn(n_docs, seed) for name, fn in FAMILIES.items()}
+    sources.update({name: load(os.path.join(doclens, f)) for name, f in FILES.items()})
+    head = " | ".join(label for label, _, _ in AUTO_VARIANTS)
+    rows = [f"| layout | lengths | {head} |", "| --- | --- |" + " --- |" * len(AUTO_VARIANTS)]
+    for lname, layout in LAYOUTS.items():
+        for name, lengths in sources.items():
+            cells = []
+            for label, packing, options in AUTO_VARIANTS:
+                s = run(lengths, layout, packing, options, steps, seed).summary(
+                    layout["n_micro"], layout["context"])
+                cells.append(f"{s['imbalance_mean']:.3f} / {s['token_delay_mean']:.2f} / "
+                             f"{s['pack_ms_p99']:.1f}")
+            rows.append(f"| {lname} | {name} | " + " | ".join(cells) + " |")
+            print(f"  {lname} {name}: done", file=sys.stderr, flush=True)
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--doclens", default=DOCLENS)
     parser.add_argument("--only", choices=list(FILES))
+    parser.add_argument("--families", action="store_true",
+                        help="auto thresholds over the generated families and both files: "
+                        "imbalance / delay / pack ms p99 per cell")
     args = parser.parse_args(argv)
     print(f"{os.cpu_count()}-core CPU, {device_name(torch.device('cpu'))}; {datetime.date.today()}; "
           f"`python scripts/bench_packing.py --steps {args.steps} --seed {args.seed}`\n")
+    if args.families:
+        print(families_table(args.doclens, args.steps, args.seed))
+        return 0
     for name, filename in FILES.items():
         if args.only and name != args.only:
             continue

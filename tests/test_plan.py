@@ -191,3 +191,32 @@ def test_paper_recipe_plans_cp(capsys):
     plan = plan_json(capsys, "recipes/paper/7b_128k.yaml", "--lengths", lengths, "--steps", "2")
     mbs = [mb for step in plan["steps"] for mb in step["micro_batches"]]
     assert len(mbs) == 8 and {mb["cp_sharding"] for mb in mbs} <= {"per_sequence", "per_document"}
+
+
+def test_sweep_delay_prints_the_frontier(capsys, lengths_file):
+    argv = ["--lengths", lengths_file, *SMALL, "--steps", "30", "--sweep-delay", "0,1"]
+    assert main(argv + ["--json"]) == 0
+    points = json.loads(capsys.readouterr().out)["sweep_delay"]
+    assert [p["max_token_delay"] for p in points] == [0.0, 1.0]
+    # a budget of no delay keeps no queue; one step buys balance with delay
+    assert points[0]["token_delay_mean"] < points[1]["token_delay_mean"]
+    assert points[1]["imbalance_mean"] < points[0]["imbalance_mean"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "imbalance vs average token delay" in table and len(table.splitlines()) == 5
+
+
+def test_sweep_delay_rejects_bad_budgets(capsys, lengths_file):
+    assert main(["--lengths", lengths_file, "--sweep-delay", "0,-1"]) == 2
+    assert "--sweep-delay" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is not None,
+                    reason="checks the message without matplotlib")
+def test_sweep_delay_plot_without_matplotlib_still_prints(capsys, tmp_path, lengths_file):
+    argv = ["--lengths", lengths_file, *SMALL, "--steps", "5", "--sweep-delay", "0.5",
+            "--plot", str(tmp_path / "f.png")]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "0.50" in captured.out and "matplotlib" in captured.err
+    assert not (tmp_path / "f.png").exists()

@@ -7,7 +7,8 @@ global batch and the token delay in steps (token-weighted mean, max). With ``par
 also shards every micro-batch over the CP ranks with each sharding and reports the balance of
 the ranks' estimated attention cost (max / min) and what adaptive and hybrid chose. ``--json`` prints one
 packer's full plan in the structure DESIGN.md fixes; ``--plot`` draws the micro-batch costs of
-plain vs wlb packing.
+plain vs wlb packing. ``--sweep-delay`` runs wlb with ``auto`` thresholds over a range of
+delay budgets instead and prints (or plots) imbalance against the average token delay.
 """
 
 from __future__ import annotations
@@ -287,8 +288,8 @@ class Variant:
 def variants(cfg, packing_given: bool, json_mode: bool) -> list[Variant]:
     """The recipe's packer for --json or --packing; every packer for the table."""
     d = cfg.data
-    own = {"outlier_thresholds": d.outlier_thresholds, "fixed_window": d.fixed_window,
-           "refine": d.refine,
+    own = {"outlier_thresholds": d.outlier_thresholds, "max_token_delay": d.max_token_delay,
+           "fixed_window": d.fixed_window, "refine": d.refine,
            "ranks": balance_ranks(d.balance, cfg.parallel.data_parallel(None), cfg.parallel.pp)}
     if json_mode or packing_given:
         label = f"fixed (window {d.fixed_window})" if d.packing == "fixed" else d.packing
@@ -354,6 +355,59 @@ def format_table(runs: list[PackerRun], cfg, cost_model: CostModel, source: str)
                  + ("; rank imbalance = the same over the DP ranks' summed micro-batches, what "
                     "a step without a pipeline waits for" if dp > 1 else ""))
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------- delay frontier
+
+DEFAULT_SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
+
+
+def sweep_delay(cfg, lengths: np.ndarray, steps: int, cost_model: CostModel,
+                budgets=DEFAULT_SWEEP) -> list[dict]:
+    """The wlb packer (the recipe's refine and balance) with ``auto`` thresholds at each delay
+    budget: one point of the balance / delay frontier per budget."""
+    own = variants(cfg, True, True)[0].options
+    points = []
+    for budget in budgets:
+        options = {**own, "outlier_thresholds": "auto", "max_token_delay": budget}
+        run = run_variant(Variant(f"budget {budget}", "wlb", options), cfg, lengths, steps,
+                          cost_model)
+        s = run.summary(cfg.parallel.data_parallel(None) * cfg.train.micro_batches,
+                        cfg.data.context, cfg.parallel.data_parallel(None))
+        points.append({"max_token_delay": budget, **s})
+    return points
+
+
+def format_sweep(points: list[dict], source: str) -> str:
+    lines = [f"{source}: wlb with auto outlier thresholds, imbalance vs average token delay",
+             f"{'max_token_delay':>15}  {'imbalance mean':>14} {'p90':>6}  {'delay mean':>10} "
+             f"{'max':>4}  {'pack ms p99':>11}"]
+    for p in points:
+        if not p["steps"]:
+            continue
+        lines.append(f"{p['max_token_delay']:>15.2f}  {p['imbalance_mean']:>14.3f} "
+                     f"{p['imbalance_p90']:>6.3f}  {p['token_delay_mean']:>10.2f} "
+                     f"{p['token_delay_max']:>4}  {p['pack_ms_p99']:>11.2f}")
+    lines.append("the budget bounds the tuner's estimate; the delay column is what the plan "
+                 "made (mean token-weighted, in steps)")
+    return "\n".join(lines)
+
+
+def plot_sweep(path: str, points: list[dict], source: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    points = [p for p in points if p["steps"]]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot([p["token_delay_mean"] for p in points], [p["imbalance_mean"] for p in points], "o-")
+    for p in points:
+        ax.annotate(f"{p['max_token_delay']:g}", (p["token_delay_mean"], p["imbalance_mean"]),
+                    fontsize=8, textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel("average token delay (steps)")
+    ax.set_ylabel("mean imbalance (max / mean cost)")
+    ax.set_title(f"{source}: wlb, auto thresholds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def plot(path: str, runs: dict[str, PackerRun]) -> None:
@@ -423,6 +477,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="stream seed (train.seed)")
     parser.add_argument("--json", action="store_true", help="print one packer's plan as JSON")
     parser.add_argument("--plot", metavar="OUT.png", help="plot micro-batch costs, plain vs wlb")
+    parser.add_argument("--sweep-delay", nargs="?", const=",".join(map(str, DEFAULT_SWEEP)),
+                        dest="sweep_delay", metavar="B1,B2,...",
+                        help="print wlb's imbalance vs average token delay over delay budgets "
+                        f"(data.max_token_delay; default {','.join(map(str, DEFAULT_SWEEP))}); "
+                        "--plot draws the frontier")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
 
 
@@ -439,6 +498,8 @@ def run(args) -> int:
 def _run(args) -> int:
     if args.steps is None or args.steps < 1:
         raise PlanError(f"--steps {args.steps}: expected a positive integer")
+    if getattr(args, "sweep_delay", None) is not None:
+        return _run_sweep(args)
     _check_plot_available(args.plot)
     cfg = _config(args)
     lengths = _doc_lengths(args, cfg)
@@ -459,6 +520,42 @@ def _run(args) -> int:
         print(format_table(runs, cfg, cost_model, source))
         if cp_estimator is not None:
             print(format_cp_table(runs, cfg, cp_estimator))
+    return 0
+
+
+def _budgets(text: str) -> list[float]:
+    try:
+        budgets = [float(b) for b in text.split(",")]
+    except ValueError:
+        budgets = []
+    if not budgets or any(not np.isfinite(b) or b < 0 for b in budgets):
+        raise PlanError(f"--sweep-delay {text}: expected budgets in steps, e.g. 0,0.5,1")
+    return budgets
+
+
+def _run_sweep(args) -> int:
+    """The frontier table; --plot without matplotlib still prints it and says what to install."""
+    budgets = _budgets(args.sweep_delay)
+    cfg = _config(args)
+    lengths = _doc_lengths(args, cfg)
+    try:
+        cost_model = cost_model_for(cfg)
+    except ValueError as err:
+        raise PlanError(f"data.cost_profile: {err}") from None
+    points = sweep_delay(cfg, lengths, args.steps, cost_model, budgets)
+    source = args.lengths or args.recipe or "default 7B-128K layout"
+    if args.json:
+        json.dump({"sweep_delay": points}, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(format_sweep(points, source))
+    if args.plot:
+        try:
+            _check_plot_available(args.plot)
+        except PlanError as err:
+            print(f"wlbtrain plan: {err}; the table above is the frontier", file=sys.stderr)
+            return 0
+        plot_sweep(args.plot, points, source)
     return 0
 
 
