@@ -16,7 +16,9 @@ from wlbtrain.data.cost import CostModel
 # A held piece: (doc_id, start, length, pulled_step), as in packing.py.
 Item = tuple[int, int, int, int]
 
-DEFAULT_REFINE_MOVES = 64
+# Moves per step: on the doclens files and the generated families at the paper layouts, 16
+# moves balance within 0.01 of 64 while 64 made planning's p99 30-70 ms (BENCHMARKS.md).
+DEFAULT_REFINE_MOVES = 16
 # Refine stops once a step is this close to perfect balance: the rest is below the cost model's
 # own accuracy, and every move costs planning time.
 REFINE_GOOD_ENOUGH = 1.002

@@ -42,17 +42,19 @@ DEFAULT_MAX_TOKEN_DELAY = 0.5
 # Pieces remembered: enough to hold dozens of pieces of a band that is 1% of the pieces, and
 # small enough that an estimate takes well under a millisecond and state.json stays small.
 TUNE_WINDOW = 4096
-# Steps between retunes once warmed up; before that at steps 1, 2, 4, 8 (the window grows fast).
-RETUNE_EVERY = 16
+# Steps between retunes once warmed up (a search spans ~20 steps); before that at steps 1, 2,
+# 4, 8, 16, while the window fills.
+RETUNE_EVERY = 32
 # Candidate thresholds as fractions of the longest piece: below 1/10 the greedy balances pieces
 # by itself; the grid is coarse on purpose, the estimate is not finer than that.
 CANDIDATE_FRACTIONS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MAX_QUEUES = 3
 # Estimated imbalance one step of delay is worth: only breaks near-ties, towards less delay.
 DELAY_WEIGHT = 0.01
-# Estimates a step may spend on a search (each well under a millisecond at TUNE_WINDOW): a
-# search of ~40 estimates then spans ~10 steps, within RETUNE_EVERY.
-EVALS_PER_STEP = 4
+# Work a step may spend on a search, in window pieces estimated (an estimate costs ~0.3 µs a
+# piece on a 2-core CPU): 2 estimates a step at a full window, so that planning stays within
+# 20 ms at p99, but a whole search within a step or two while the window is still small.
+EVAL_PIECES_PER_STEP = 2 * TUNE_WINDOW
 # New thresholds must beat the current ones by this much on the same window: moving queues
 # churns their groups, and estimates from neighbouring windows differ by noise.
 RETUNE_MIN_GAIN = 0.003
@@ -267,8 +269,8 @@ def _neighbours(grid: list[int], t: int) -> list[int]:
 
 class ThresholdTuner:
     """The window of observed piece lengths, and a search in progress; the packer owns the
-    queues. Every RETUNE_EVERY steps (at 1, 2, 4, 8 while the window fills) a search starts on
-    a snapshot of the window and runs EVALS_PER_STEP estimates a step; when it ends, its best
+    queues. Every RETUNE_EVERY steps (at 1, 2, 4, 8, 16 while the window fills) a search starts on
+    a snapshot of the window and runs EVAL_PIECES_PER_STEP / (its size) estimates a step; when it ends, its best
     thresholds replace the current ones if clearly better on that snapshot.
 
     units, unit_tokens, budget: as the packer's (see ``estimate``); max_piece: the longest piece
@@ -299,7 +301,8 @@ class ThresholdTuner:
             self.search = ThresholdSearch.start(list(self.window), self.max_piece, current)
         if self.search is None:
             return None
-        self.search.advance(EVALS_PER_STEP, self.units, self.unit_tokens, self.budget,
+        evals = max(1, EVAL_PIECES_PER_STEP // max(len(self.search.lengths), 1))
+        self.search.advance(evals, self.units, self.unit_tokens, self.budget,
                             self.cost_model, self.max_token_delay)
         if not self.search.done:
             return None
