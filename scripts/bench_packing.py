@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from wlbtrain.data.cost import CostModel  # noqa: E402
 from wlbtrain.metrics import device_name  # noqa: E402
-from wlbtrain.data.packing import default_outlier_thresholds, make_packer, max_piece_for  # noqa: E402
+from wlbtrain.data.packing import make_packer, max_piece_for  # noqa: E402
 from wlbtrain.data.stream import DocumentStream  # noqa: E402
 from wlbtrain.plan import simulate  # noqa: E402
 from wlbtrain.data.families import FAMILIES  # noqa: E402
@@ -87,14 +87,14 @@ def run(lengths, layout, packing, options, steps, seed):
     return simulate(packer, stream, steps, cost)
 
 
-def by_step_kind(run, thresholds) -> str:
-    """Mean imbalance of steps holding a top-queue outlier, a lower-queue one, or neither: where
-    the imbalance that is left comes from."""
-    kinds = {"top-queue group": [], "lower-queue group": [], "no outlier": []}
+def by_step_kind(run, context) -> str:
+    """Mean imbalance of steps by their longest piece (at least half the context, a quarter, or
+    shorter): where the imbalance that is left comes from, whatever the queues were."""
+    kinds = {"piece ≥ ½ context": [], "piece ≥ ¼ context": [], "shorter only": []}
     for step in run.steps:
         longest = max((p[2] for mb in step.plan for p in mb), default=0)
-        kind = ("top-queue group" if longest >= thresholds[-1] else
-                "lower-queue group" if longest >= thresholds[0] else "no outlier")
+        kind = ("piece ≥ ½ context" if longest >= context // 2 else
+                "piece ≥ ¼ context" if longest >= context // 4 else "shorter only")
         kinds[kind].append(step.imbalance)
     return ", ".join(f"{k}: {len(v) / len(run.steps):.0%} of steps, imbalance {np.mean(v):.3f}"
                      for k, v in kinds.items() if v)
@@ -111,8 +111,7 @@ def table(name, lengths, steps, seed) -> str:
             result = run(lengths, layout, packing, options, steps, seed)
             s = result.summary(layout["n_micro"], layout["context"])
             if label.startswith("wlb (greedy)"):
-                queues = default_outlier_thresholds(layout["context"])
-                notes.append(f"- {lname}, {label}: {by_step_kind(result, queues)}")
+                notes.append(f"- {lname}, {label}: {by_step_kind(result, layout['context'])}")
             base = base or s["s_per_mtoken"]
             rows.append(f"| {lname} | {label} | {s['imbalance_mean']:.3f} | {s['imbalance_p90']:.3f} "
                         f"| {s['imbalance_max']:.2f} | {s['pack_ms_median']:.1f} / "

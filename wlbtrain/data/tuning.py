@@ -39,39 +39,83 @@ FILL_SHARE = 0.5
 # BENCHMARKS.md "Tuned outlier queues": at 0.5 (the paper's delay) every family but the
 # short-heavy ones meets 1.05, and at 1.0 they do too at twice the delay.
 DEFAULT_MAX_TOKEN_DELAY = 0.5
-# Pieces remembered: enough to hold dozens of pieces of a band that is 1% of the pieces, and
-# small enough that an estimate takes well under a millisecond and state.json stays small.
+# Records remembered (pieces long enough to queue, and pools of short ones; see pool_shorts):
+# hundreds of steps of most corpora, and an estimate still takes about a millisecond.
 TUNE_WINDOW = 4096
-# Steps between retunes once warmed up (a search spans ~20 steps); before that at steps 1, 2,
-# 4, 8, 16, while the window fills.
+# Steps between searches (a search spans up to ~20 steps at a full window).
 RETUNE_EVERY = 32
+# The first search waits until the window holds this many steps' worth of tokens.
+MIN_WINDOW_STEPS = 8
 # Candidate thresholds as fractions of the longest piece: below 1/10 the greedy balances pieces
 # by itself; the grid is coarse on purpose, the estimate is not finer than that.
 CANDIDATE_FRACTIONS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MAX_QUEUES = 3
 # Estimated imbalance one step of delay is worth: only breaks near-ties, towards less delay.
 DELAY_WEIGHT = 0.01
-# Work a step may spend on a search, in window pieces estimated (an estimate costs ~0.3 µs a
-# piece on a 2-core CPU): 2 estimates a step at a full window, so that planning stays within
-# 20 ms at p99, but a whole search within a step or two while the window is still small.
-EVAL_PIECES_PER_STEP = 2 * TUNE_WINDOW
+# Work a step may spend on a search. An estimate costs about as much as this many records
+# before its first (numpy call overheads: ~0.17 ms, then ~0.17 µs a record on a 2-core CPU);
+# a step spends 2 full-window estimates' worth (~2 ms), so planning stays within 20 ms at p99,
+# and while the window is small a search still ends within a few steps.
+ESTIMATE_OVERHEAD_RECORDS = 1000
+EVAL_RECORDS_PER_STEP = 2 * (TUNE_WINDOW + ESTIMATE_OVERHEAD_RECORDS)
 # New thresholds must beat the current ones by this much on the same window: moving queues
 # churns their groups, and estimates from neighbouring windows differ by noise.
 RETUNE_MIN_GAIN = 0.003
 
 
-def estimate(lengths: np.ndarray, thresholds: list[int], units: int, unit_tokens: int,
+def pool_shorts(lengths, max_piece: int) -> np.ndarray:
+    """A window's records from piece lengths in stream order: [R, 3] int64 of (tokens, Σ d²,
+    pooled). Pieces below every candidate threshold are never queued and only count through
+    their tokens and squares, so consecutive ones pool into one record of at most ``max_piece``
+    tokens: the window then spans many more steps for the same work on short-heavy corpora."""
+    pooler = _Pooler(short_below(max_piece), max_piece)
+    for length in lengths:
+        pooler.add(int(length))
+    return np.array(pooler.records, dtype=np.int64).reshape(-1, 3)
+
+
+def short_below(max_piece: int) -> int:
+    return max(1, int(max_piece * CANDIDATE_FRACTIONS[0]))
+
+
+class _Pooler:
+    def __init__(self, short: int, max_piece: int, records=None):
+        self.short, self.max_piece = short, max_piece
+        self.records = records if records is not None else []
+
+    def add(self, length: int) -> None:
+        last = self.records[-1] if self.records else None
+        if length >= self.short:
+            self.records.append((length, length * length, 0))
+        elif last is not None and last[2] and last[0] + length <= self.max_piece:
+            self.records[-1] = (last[0] + length, last[1] + length * length, 1)
+        else:
+            self.records.append((length, length * length, 1))
+
+
+def as_records(window) -> np.ndarray:
+    """[R, 3] records as they are; [W] piece lengths as one unpooled record each."""
+    window = np.asarray(window, dtype=np.int64)
+    if window.ndim == 1:
+        return np.stack([window, window * window, np.zeros_like(window)], axis=1)
+    return window.reshape(-1, 3)
+
+
+def estimate(window, thresholds: list[int], units: int, unit_tokens: int,
              budget: int, cost_model: CostModel) -> tuple[float, float]:
     """(mean step imbalance, token-weighted mean delay in steps) of ``thresholds`` on a window.
 
-    lengths: [W] piece lengths in stream order; units: micro-batches (or ranks) per step, the
-    size of a released group; unit_tokens: a unit's cap; budget: tokens a step pulls.
+    window: [R, 3] records from ``pool_shorts`` (or [W] piece lengths, one record each), in
+    stream order; units: micro-batches (or ranks) per step, the size of a released group;
+    unit_tokens: a unit's cap; budget: tokens a step pulls.
     """
-    lengths = np.asarray(lengths, dtype=np.int64)
+    window = as_records(window)
+    lengths, squares, pooled = window[:, 0], window[:, 1], window[:, 2].astype(bool)
     size = lengths.size
     if size == 0 or lengths.sum() <= 0:
         return 1.0, 0.0
     band = np.searchsorted(np.asarray(sorted(thresholds), dtype=np.int64), lengths, side="right")
+    band[pooled] = 0
     # where each piece counts towards a step's budget: a queued one where its group completes
     counted = np.arange(size, dtype=np.float64)
     for k in range(1, len(thresholds) + 1):
@@ -90,7 +134,9 @@ def estimate(lengths: np.ndarray, thresholds: list[int], units: int, unit_tokens
     unit_end = (before + sl)[tail]
     boundary = (before[head] // budget + 1) * budget
     slack = units * unit_tokens - budget
-    overshoot = float(np.maximum(unit_end - boundary - slack, 0).sum())
+    # pooled short pieces split at the boundary: only whole pieces and groups overshoot it
+    whole = ~pooled[order][head]
+    overshoot = float(np.maximum(unit_end - boundary - slack, 0)[whole].sum())
     # a piece arrives in the step being filled when the stream reached it
     at = np.minimum(np.searchsorted(key, np.arange(size), side="left"), size - 1)
     arrival = before[at] // budget
@@ -99,8 +145,8 @@ def estimate(lengths: np.ndarray, thresholds: list[int], units: int, unit_tokens
     wait = np.where(inside, step - arrival, 0).astype(np.float64)
     wait += _censored_wait(band, inside, units, n_steps, arrival, len(thresholds))
     delay = float(((wait * lengths).sum() + overshoot) / lengths.sum())
-    return _step_imbalance(lengths, band, step, inside, n_steps, units, unit_tokens, budget,
-                           cost_model), delay
+    return _step_imbalance(lengths, squares, pooled, band, step, inside, n_steps, units,
+                           unit_tokens, budget, cost_model), delay
 
 
 def _group_release(idx: np.ndarray, units: int, counted: np.ndarray) -> None:
@@ -113,29 +159,31 @@ def _group_release(idx: np.ndarray, units: int, counted: np.ndarray) -> None:
 
 
 def _censored_wait(band, inside, units, n_steps, arrival, n_queues) -> np.ndarray:
-    """Wait of pieces still queued when the window ends: to its end, then as long as the missing
-    pieces of their group take to come at the band's observed rate."""
+    """Wait of pieces still queued when the window ends: what a piece of the band waits on
+    average at its observed rate, (units − 1) / 2 arrivals. Not the time to the window's end
+    plus the missing pieces: in a short window that charges a rare band for its one late group."""
     wait = np.zeros(band.size)
     for k in range(1, n_queues + 1):
         rest = np.flatnonzero((band == k) & ~inside)
         if rest.size:
             rate = max(int((band == k).sum()), 1) / n_steps
-            wait[rest] = (n_steps - 1 - arrival[rest]) + (units - rest.size) / rate
+            wait[rest] = (units - 1) / (2 * rate)
     return wait
 
 
-def _step_imbalance(lengths, band, step, inside, n_steps, units, unit_tokens, budget,
-                    cost_model) -> float:
+def _step_imbalance(lengths, squares, pooled, band, step, inside, n_steps, units, unit_tokens,
+                    budget, cost_model) -> float:
     """Mean over the window's full steps of max(the costliest micro-batch's floor, mean) / mean.
 
     A step trains ``budget`` tokens (what it pulls past that waits, what it lacks comes from
     the carry-over): its queued pieces as they are, its unqueued ones scaled to the rest.
     """
     a, b = cost_model.attn_coef, cost_model.linear_coef
-    d = lengths.astype(np.float64)
-    queued, short = band > 0, d[band == 0]
-    per_token = float((short ** 2).sum() / short.sum()) if short.size else 0.0
-    floor = a * d * d + a * np.maximum(unit_tokens - d, 0) * FILL_SHARE * per_token \
+    d, d2 = lengths.astype(np.float64), squares.astype(np.float64)
+    queued, short = band > 0, band == 0
+    per_token = float(d2[short].sum() / d[short].sum()) if short.any() else 0.0
+    own = np.where(pooled, 0.0, d)  # a pool of short pieces floors like a short piece
+    floor = a * own * own + a * np.maximum(unit_tokens - own, 0) * FILL_SHARE * per_token \
         + b * unit_tokens
     full = inside & (step < n_steps - 1)  # the window's last step is partial
     if not full.any():
@@ -145,11 +193,15 @@ def _step_imbalance(lengths, band, step, inside, n_steps, units, unit_tokens, bu
     def per_step(weights):
         return np.bincount(s, weights=weights[full], minlength=n_steps)
 
-    t_q, q_q = per_step(d * queued), per_step(d * d * queued)
-    t_u, q_u = per_step(d * ~queued), per_step(d * d * ~queued)
+    t_q, q_q = per_step(d * queued), per_step(d2 * queued)
+    t_u, q_u = per_step(d * ~queued), per_step(d2 * ~queued)
     room = np.maximum(budget - t_q, 0)
     attn = q_q + np.where(t_u > 0, q_u * room / np.maximum(t_u, 1), room * per_token)
-    mean = (a * attn + b * np.maximum(budget, t_q)) / units
+    # groups released together beyond what the step holds go out over the next steps: a step
+    # trains at most its capacity, of the same mix
+    tokens = np.maximum(budget, t_q)
+    held = np.minimum(1.0, units * unit_tokens / tokens)
+    mean = (a * attn + b * tokens) * held / units
     peak = np.zeros(n_steps)
     np.maximum.at(peak, s, floor[full])
     used = np.bincount(s, minlength=n_steps) > 0
@@ -192,7 +244,7 @@ class ThresholdSearch:
     def start(cls, lengths, max_piece: int, current: list[int]) -> "ThresholdSearch":
         grid = sorted({max(1, int(max_piece * f)) for f in CANDIDATE_FRACTIONS})
         # stage 0 scores "no queue" and the current thresholds; then forward rounds 1..MAX_QUEUES
-        return cls(np.asarray(lengths, dtype=np.int64), grid, list(current), 0, [], np.inf,
+        return cls(as_records(lengths), grid, list(current), 0, [], np.inf,
                    [[], list(current)], [], np.inf, np.inf)
 
     @property
@@ -255,7 +307,8 @@ class ThresholdSearch:
         def num(x):
             return np.inf if x is None else float(x)
         ints = lambda xs: [int(v) for v in xs]  # noqa: E731
-        return cls(np.asarray(state["lengths"], dtype=np.int64), ints(state["grid"]),
+        return cls(as_records(np.asarray(state["lengths"], dtype=np.int64).reshape(-1, 3)),
+                   ints(state["grid"]),
                    ints(state["current"]), int(state["stage"]), ints(state["best"]),
                    num(state["best_score"]), [ints(t) for t in state["todo"]],
                    ints(state["stage_best"]), num(state["stage_score"]),
@@ -269,8 +322,8 @@ def _neighbours(grid: list[int], t: int) -> list[int]:
 
 class ThresholdTuner:
     """The window of observed piece lengths, and a search in progress; the packer owns the
-    queues. Every RETUNE_EVERY steps (at 1, 2, 4, 8, 16 while the window fills) a search starts on
-    a snapshot of the window and runs EVAL_PIECES_PER_STEP / (its size) estimates a step; when it ends, its best
+    queues. Every RETUNE_EVERY steps (first once the window spans MIN_WINDOW_STEPS) a search starts on
+    a snapshot of the window and runs EVAL_RECORDS_PER_STEP / (its size) estimates a step; when it ends, its best
     thresholds replace the current ones if clearly better on that snapshot.
 
     units, unit_tokens, budget: as the packer's (see ``estimate``); max_piece: the longest piece
@@ -284,24 +337,31 @@ class ThresholdTuner:
         self.max_piece, self.units, self.unit_tokens = max_piece, units, unit_tokens
         self.budget, self.cost_model = budget, cost_model
         self.max_token_delay = float(max_token_delay)
-        self.window: deque[int] = deque(maxlen=window)
+        self.window: deque[tuple[int, int, int]] = deque(maxlen=window)  # pool_shorts records
+        self._pooler = _Pooler(short_below(max_piece), max_piece, self.window)
         self.search: Optional[ThresholdSearch] = None
+        self.searches = 0  # searches started
         self.retunes = 0  # how many times the thresholds moved
 
     def observe(self, length: int) -> None:
-        self.window.append(int(length))
+        self._pooler.add(int(length))
 
-    @staticmethod
-    def due(step: int) -> bool:
-        return step > 0 and (step % RETUNE_EVERY == 0 or (step < RETUNE_EVERY and step & (step - 1) == 0))
+    def due(self, step: int) -> bool:
+        """Every RETUNE_EVERY steps; first as soon as the window spans MIN_WINDOW_STEPS steps
+        (a shorter one misjudges rare lengths: one 128K document is a band or not)."""
+        if self.searches:
+            return step % RETUNE_EVERY == 0
+        return sum(r[0] for r in self.window) >= MIN_WINDOW_STEPS * self.budget
 
     def step(self, step: int, current: list[int]) -> Optional[list[int]]:
         """Advance the tuning by one packer step; new thresholds, or None to keep ``current``."""
         if self.search is None and self.due(step) and self.window:
-            self.search = ThresholdSearch.start(list(self.window), self.max_piece, current)
+            self.searches += 1
+            self.search = ThresholdSearch.start(np.array(self.window, dtype=np.int64).reshape(-1, 3),
+                                                self.max_piece, current)
         if self.search is None:
             return None
-        evals = max(1, EVAL_PIECES_PER_STEP // max(len(self.search.lengths), 1))
+        evals = max(1, EVAL_RECORDS_PER_STEP // (len(self.search.lengths) + ESTIMATE_OVERHEAD_RECORDS))
         self.search.advance(evals, self.units, self.unit_tokens, self.budget,
                             self.cost_model, self.max_token_delay)
         if not self.search.done:
@@ -313,13 +373,14 @@ class ThresholdTuner:
         return search.best
 
     def state_dict(self) -> dict:
-        return {"window": list(self.window), "max_token_delay": self.max_token_delay,
-                "retunes": self.retunes,
+        return {"window": [list(r) for r in self.window], "max_token_delay": self.max_token_delay,
+                "retunes": self.retunes, "searches": self.searches,
                 "search": None if self.search is None else self.search.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.window.clear()
-        self.window.extend(int(v) for v in state["window"])
+        self.window.extend(tuple(int(v) for v in r) for r in state["window"])
         self.retunes = int(state.get("retunes", 0))
+        self.searches = int(state.get("searches", 0))
         search = state.get("search")
         self.search = None if search is None else ThresholdSearch.from_state(search)
