@@ -28,6 +28,7 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from wlbtrain.parallel.context import check_plan, make_context_attention  # noqa: E402
 from wlbtrain.parallel.sharding import Chunk, RankShard, ShardPlan  # noqa: E402
+from conftest import interpreter_problem  # noqa: E402  (why the interpreter cannot run here)
 
 WORLD = 4  # processes: two cp 2 groups side by side, then one cp 4 group
 TOTAL = 64  # padded tokens of the equality layouts: a multiple of 2·cp for cp 2 and 4
@@ -284,20 +285,6 @@ def worker(rank, port, out_dir, with_triton):
 # --------------------------------------------------------------------------------------------
 # The groups, spawned once per CP size
 # --------------------------------------------------------------------------------------------
-
-def interpreter_problem():
-    """Why Triton's interpreter cannot run here, or None."""
-    if torch.cuda.is_available():
-        return None
-    try:
-        import triton
-    except ImportError:
-        return "triton is not installed"
-    version = tuple(int(x) for x in triton.__version__.split(".")[:2])
-    numpy_version = tuple(int(x) for x in np.__version__.split(".")[:2])
-    if version == (3, 6) and numpy_version >= (2, 3):
-        return "triton 3.6's interpreter is broken with numpy >= 2.3"
-    return None
 
 
 def free_port():

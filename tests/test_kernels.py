@@ -28,6 +28,8 @@ from wlbtrain.kernels.attention import BackwardConfig, KernelConfig  # noqa: E40
 
 ATOL = 2e-5
 RTOL = 2e-5
+# Tests not marked gpu run in the interpreter: skipped where it cannot (conftest.py says why).
+pytestmark = pytest.mark.interpreter
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

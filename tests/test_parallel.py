@@ -20,7 +20,9 @@ from wlbtrain.data.store import write_store
 
 TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
         "model.ffn_dim=128", "data.context=512", "train.lr=3e-3", "train.warmup_steps=2",
-        "train.steps=4", "checkpoint.every=4", "checkpoint.resume=none"]
+        "train.steps=4", "checkpoint.every=4", "checkpoint.resume=none",
+        # gloo on the CPU, also on a machine with fewer GPUs than ranks
+        "train.device=cpu"]
 
 # (overrides, description, processes); each keeps dp × micro_batches = 4 micro-batches per step
 LAYOUTS = [

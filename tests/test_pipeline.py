@@ -268,13 +268,14 @@ def test_pipeline_matches_single_process(world):
 
 def run_ranks(fn, world):
     """fn(rank, world, port, failures) in ``world`` processes; a failing rank fails the test
-    with its message. Fork, not spawn: four fresh interpreters importing torch take most of a
-    minute on two shared cores, and nothing here has touched CUDA."""
-    ctx = mp.get_context("fork")
-    failures = ctx.Queue()
+    with its message. Fork where it is safe: four fresh interpreters importing torch take most
+    of a minute on two shared cores. With CUDA, autograd's device threads in this process (other
+    tests' GPU work) make forking unsafe, so spawn there."""
+    method = "spawn" if torch.cuda.is_available() else "fork"
+    failures = mp.get_context(method).Queue()
     try:
         mp.start_processes(fn, args=(world, free_port(), failures), nprocs=world,
-                           start_method="fork")
+                           start_method=method)
     except Exception:
         messages = []
         while not failures.empty():
