@@ -177,17 +177,19 @@ def run_family(family, layout, packing, **options):
     return imb, np.average(delays, weights=weights)
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("family", list(FAMILIES))
+# The target for every family: imbalance ≤ 1.05 at ≤ 1 step of average token delay.
+# Bimodal at 64K misses it: its long mode (40K ± 10K tokens) is most of the tokens and fills
+# most of a 64K micro-batch, so only narrow queues balance it, each costing ~0.3 steps; the
+# frontier (BENCHMARKS.md) reaches 1.07 only past 2 steps.
+BEYOND_THE_FRONTIER = {("bimodal", "550M-64K")}
+CASES = [pytest.param(f, layout, marks=pytest.mark.xfail(strict=True, reason="frontier"))
+         if (f, layout) in BEYOND_THE_FRONTIER else (f, layout)
+         for layout in LAYOUTS for f in FAMILIES]
+
+
+@pytest.mark.parametrize("family, layout", CASES)
 def test_families_at_paper_layouts(family, layout):
     plain, _ = run_family(family, layout, "plain")
-    wlb, delay = run_family(family, layout, "wlb")
-    # on 20 steps past warm-up a queue of near-context pieces (all-long, bimodal at 64K) can
-    # still be waiting for its group; over hundreds of steps wlb is strictly better on every
-    # family (scripts/bench_packing.py, BENCHMARKS.md)
-    assert wlb <= plain * 1.02
-    # 12 steps: the tuner has run its warm-up searches only; the 0.5-step budget plus what the
-    # carry-over and not-yet-full queues add on so short a run
-    assert delay <= 1.0
-    if family == "all-short":  # nothing to delay, and short pieces balance by themselves
-        assert wlb < 1.02 and delay < 0.05
+    wlb, delay = run_family(family, layout, "wlb", max_token_delay=1.0)
+    assert wlb < plain or plain < 1.02  # nothing to gain where plain is already balanced
+    assert wlb <= 1.05 and delay <= 1.0

@@ -21,6 +21,9 @@ hand a step's micro-batches out in ``rank_balanced_order`` (never sorted by cost
   bounded local search (moves and swaps between micro-batches, short pieces held back from the
   most loaded ones or put in from the carry-over) then drives the step's imbalance towards 1.
   Without a pipeline, ``ranks`` makes a DP rank's micro-batches together the unit it balances.
+  With ``outlier_thresholds="auto"`` (the default) a ``ThresholdTuner`` (tuning.py) moves the
+  thresholds as it learns the length distribution, within a token-delay budget; queued pieces
+  stay queued when they move.
 
 Every piece a stream emits is trained exactly once: packers hold back pieces (the cut remainder,
 planned windows, queues, carry-over) only in their state, which ``state_dict`` saves with the
@@ -90,13 +93,15 @@ def make_packer(packing: str, *, context: int, max_tokens_per_micro_batch: int |
 
     options (each ignored by packers it does not concern): outlier_thresholds (list[int], or
     "auto" / None: tuned online), max_token_delay (auto's budget of average token delay in
-    steps; default DEFAULT_MAX_TOKEN_DELAY), refine (bool, default True), refine_moves (int), max_carry (tokens refine
-    may hold back per step; default: context), fixed_window (int, default 1), ranks (wlb: None
+    steps; default DEFAULT_MAX_TOKEN_DELAY), refine (bool, default True), refine_moves (int),
+    max_carry (tokens refine may hold back per step; default: context), fixed_window (int,
+    default 1), ranks (wlb: None
     balances micro-batches, for a pipeline; an int balances the sums of that many DP ranks'
     micro-batches, for data parallelism without a pipeline).
     """
     _check_packing(packing)
-    known = {"outlier_thresholds", "max_token_delay", "refine", "refine_moves", "max_carry", "fixed_window", "ranks"}
+    known = {"outlier_thresholds", "max_token_delay", "refine", "refine_moves", "max_carry",
+             "fixed_window", "ranks"}
     unknown = set(options) - known
     if unknown:
         raise ValueError(f"unknown packer option(s) {', '.join(sorted(unknown))}; "
@@ -424,7 +429,7 @@ class WlbPacker(Packer):
         if thresholds is None or thresholds == AUTO:
             delay = DEFAULT_MAX_TOKEN_DELAY if max_token_delay is None else max_token_delay
             self.tuner = ThresholdTuner(max_piece, self.units, self.unit_tokens, self.budget,
-                                        cost_model, delay)
+                                        cost_model, delay, refine=refine)
             thresholds = default_outlier_thresholds(max_piece)
         elif isinstance(thresholds, str):
             raise ValueError(f"outlier thresholds {thresholds!r}: expected {AUTO!r} or a list of "
