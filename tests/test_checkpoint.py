@@ -28,6 +28,8 @@ RESHARD = [
     (["train.micro_batches=4"], 1, ["parallel.dp=2", "train.micro_batches=2"], 2),
     (["parallel.dp=2", "train.micro_batches=2"], 2, ["parallel.tp=2", "train.micro_batches=4"], 2),
     (["parallel.pp=2", "train.micro_batches=4"], 2, ["train.micro_batches=4"], 1),
+    (["parallel.pp=2", "train.micro_batches=4"], 2, ["parallel.pp=2", "train.micro_batches=4"], 2),
+    (["parallel.cp=2", "train.micro_batches=4"], 2, ["parallel.dp=2", "train.micro_batches=2"], 2),
 ]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

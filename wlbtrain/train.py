@@ -241,7 +241,7 @@ class Trainer:
         if self.dims.dp_cp > 1:
             # a pipeline runs several micro-batches' forwards before their backwards: keep the
             # gathered weights instead of gathering them again for every micro-batch
-            apply_fsdp(model, self.mesh["dp_cp"], self.place.compute_dtype,
+            apply_fsdp(model, self.dims.dp_cp_mesh, self.place.compute_dtype,
                        reshard_after_forward=par.pp == 1)
         model.to_empty(device=self.place.device)
         model.init_weights(self.cfg.train.seed)

@@ -4,7 +4,7 @@ Mesh dimensions, outermost first: ``pp, dp, cp, tp`` (tensor parallelism innermo
 frequent collectives stay on the fastest links). Derived from it once:
   - ``dp_cp``: the data × context ranks flattened. Context-parallel ranks hold the same weights,
     so FSDP shards the weights over them too, and gradients are reduced over the same ranks.
-Everything else asks for ``mesh["tp"]``, ``mesh["dp_cp"]``, ...; nobody builds groups by hand.
+Everything else asks for ``mesh["tp"]``, ``dims.dp_cp_mesh``, ...; nobody builds groups by hand.
 """
 
 from __future__ import annotations
@@ -64,9 +64,11 @@ class ParallelDims:
         return self.tp * 2 * self.cp if self.cp > 1 else self.tp
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
+        """The world mesh; the flattened data × context mesh is kept as ``dp_cp_mesh`` (torch
+        deprecates slicing flattened dimensions back out of the root mesh)."""
         mesh = init_device_mesh(device_type, tuple(getattr(self, d) for d in MESH_DIMS),
                                 mesh_dim_names=MESH_DIMS)
-        mesh["dp", "cp"]._flatten(mesh_dim_name="dp_cp")
+        self.dp_cp_mesh = mesh["dp", "cp"]._flatten(mesh_dim_name="dp_cp")
         return mesh
 
     def coordinates(self, mesh: DeviceMesh) -> dict[str, int]:
