@@ -269,7 +269,8 @@ class Trainer:
         d = self.cfg.data
         max_piece = max_piece_for(d.packing, d.context, d.max_tokens_per_micro_batch)
         stream = DocumentStream(self.store.doc_lengths, self.cfg.train.seed, max_piece)
-        options = {"outlier_thresholds": d.outlier_thresholds, "fixed_window": d.fixed_window,
+        options = {"outlier_thresholds": d.outlier_thresholds,
+                   "max_token_delay": d.max_token_delay, "fixed_window": d.fixed_window,
                    "refine": d.refine,
                    "ranks": balance_ranks(d.balance, self.dims.dp, self.dims.pp)}
         packer = make_packer(d.packing, context=d.context,
