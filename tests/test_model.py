@@ -103,3 +103,25 @@ def test_pipeline_stages_hold_the_whole_models_weights_and_compose():
     attention = segment_attention(reference_attention, torch.tensor([0, 5, 13], dtype=torch.int32), 8)
     hidden = stages[0](tokens, positions, attention)
     torch.testing.assert_close(stages[1](hidden, positions, attention), run(whole, docs))
+
+
+def test_activation_checkpointing_keeps_loss_and_gradients():
+    from wlbtrain.models.llama import apply_activation_checkpointing
+
+    docs = [torch.randint(0, CFG.vocab_size, (n,)) for n in (9, 13)]
+    tokens, positions = torch.cat(docs), torch.cat([torch.arange(len(d)) for d in docs])
+    labels = torch.roll(tokens, -1)
+    attention = segment_attention(reference_attention, torch.tensor([0, 9, 22], dtype=torch.int32), 13)
+    results = {}
+    for mode in ("none", "selective", "full"):
+        model = make_model(4)
+        apply_activation_checkpointing(model, mode, every=2)
+        assert [layer.recompute for layer in model.layers.values()] == \
+            {"none": [False, False], "selective": [True, False], "full": [True, True]}[mode]
+        loss = model(tokens, positions, attention, labels=labels)
+        loss.backward()
+        results[mode] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
+    for mode in ("selective", "full"):
+        torch.testing.assert_close(results[mode][0], results["none"][0])
+        for name, grad in results[mode][1].items():
+            torch.testing.assert_close(grad, results["none"][1][name], msg=name)

@@ -34,6 +34,8 @@ LAYOUTS = [
     (["parallel.dp=1", "parallel.tp=2", "train.micro_batches=4", "data.packing=wlb"],
      "TP 2, wlb packing", 2),
     (["parallel.dp=2", "parallel.tp=2", "train.micro_batches=2"], "TP 2 x DP 2", 4),
+    (["parallel.dp=2", "parallel.tp=2", "train.micro_batches=2",
+      "train.activation_checkpointing=full"], "TP 2 x DP 2, full activation checkpointing", 4),
     # an odd context makes every plain micro-batch's token count odd: the padding path
     (["parallel.dp=1", "parallel.tp=2", "train.micro_batches=4", "data.context=511"],
      "TP 2, padded micro-batches", 2),
@@ -115,7 +117,9 @@ _SINGLE_RUNS: dict[tuple, tuple] = {}  # layouts sharing a reference run train i
 
 def single_process_run(tmp_path_factory, store, overrides) -> tuple:
     """The single-process run of the same global batch as the layout ``overrides``."""
-    single = [o for o in overrides if not o.startswith(("parallel.", "train.micro_batches"))]
+    # activation checkpointing must not change the result either: the reference runs without
+    single = [o for o in overrides if not o.startswith(("parallel.", "train.micro_batches",
+                                                        "train.activation_checkpointing"))]
     key = tuple(sorted(single))
     if key not in _SINGLE_RUNS:
         base = tmp_path_factory.mktemp("single")

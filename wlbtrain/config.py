@@ -139,9 +139,15 @@ class TrainConfig:
     log_every: int = 1
     tensorboard: bool = False
     peak_tflops: Optional[float] = None  # MFU denominator; default: looked up from the device
+    # Recompute decoder layers in the backward instead of keeping their activations: none,
+    # full (every layer) or selective (every activation_checkpointing_every-th layer)
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    activation_checkpointing_every: int = 2
 
     def validate(self) -> None:
         _require(self.steps >= 0, "train.steps", "an integer >= 0")
+        _require(self.activation_checkpointing_every >= 1, "train.activation_checkpointing_every",
+                 "an integer >= 1")
         _require(self.micro_batches >= 1, "train.micro_batches", "an integer >= 1")
         _require(self.lr > 0, "train.lr", "a positive number")
         _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "a number in [0, 1]")

@@ -10,6 +10,7 @@ layout reproduces the single-device loss.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import signal
@@ -33,7 +34,8 @@ from .data.store import TokenStore, open_source
 from .data.stream import DocumentStream
 from .metrics import MetricsLogger, device_peak_tflops, peak_memory_gib
 from .models.attention import LocalAttention, get_backend, segment_attention
-from .models.llama import build_model, flops_per_step, stage_costs
+from .models.llama import (apply_activation_checkpointing, build_model, flops_per_step,
+                           stage_costs)
 from .parallel.dims import ParallelDims, init_process_group, world_size_from_env
 from .parallel.fsdp import apply_fsdp
 from .parallel.pipeline import (PipelineRunner, build_schedule, pipeline_metrics, split_layers,
@@ -234,10 +236,13 @@ class Trainer:
         self.stage = stage_chunks(self.chunks, self.coords["pp"], par.pp)
         model = build_model(self.cfg.model, self.stage.layer_ids, self.stage.embed,
                             self.stage.head)
-        # TorchTitan's order: tensor parallelism first, then FSDP over the data × context ranks
-        # (whose weights are the same), on the meta device; weights are initialised last.
+        # TorchTitan's order: tensor parallelism, activation checkpointing, then FSDP over the
+        # data × context ranks (whose weights are the same), on the meta device; weights are
+        # initialised last.
         if self.dims.tp > 1:
             apply_tp(model, self.mesh["tp"])
+        apply_activation_checkpointing(model, self.cfg.train.activation_checkpointing,
+                                       self.cfg.train.activation_checkpointing_every)
         if self.dims.dp_cp > 1:
             # a pipeline runs several micro-batches' forwards before their backwards: keep the
             # gathered weights instead of gathering them again for every micro-batch
@@ -511,5 +516,9 @@ def train(cfg: Config) -> None:
             # tearing the group down under it aborts the process (seen with gloo).
             dist.barrier()
     finally:
+        # Model, optimizer and FSDP state hold pending communication handles; free them while
+        # the process groups are alive, not at interpreter exit (gloo aborts there).
+        del trainer
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()

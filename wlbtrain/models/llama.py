@@ -99,6 +99,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
+        self.recompute = False  # activation checkpointing (set by apply_activation_checkpointing)
 
     def forward(self, x, cos, sin, attention: LocalAttention):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
@@ -152,7 +153,12 @@ class Llama(nn.Module):
         cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
         x = self.embed_tokens(inputs) if chunk.embed else inputs
         for i in chunk.layers:
-            x = self.layers[str(i)](x, cos, sin, attention)
+            layer = self.layers[str(i)]
+            if layer.recompute:
+                # keep only the layer's input; its activations are rebuilt in the backward
+                x = checkpoint(layer, x, cos, sin, attention, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, attention)
         if not chunk.head:
             return x
         h = _replicate_tokens(self.norm(x))
@@ -190,6 +196,14 @@ class Llama(nn.Module):
                 scale = out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
                 full = torch.randn(shape, generator=gen) * scale
             _copy_full(param, full)
+
+
+def apply_activation_checkpointing(model: Llama, mode: str, every: int = 2) -> None:
+    """Recompute decoder layers in the backward: ``full`` every layer, ``selective`` every
+    ``every``-th (by global layer index, so pipeline stages agree), ``none`` no layer. Memory for
+    a layer's activations is traded for one more forward of it; names and weights are untouched."""
+    for name, layer in model.layers.items():
+        layer.recompute = mode == "full" or (mode == "selective" and int(name) % every == 0)
 
 
 def _replicate_tokens(h: torch.Tensor) -> torch.Tensor:
