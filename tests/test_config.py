@@ -160,3 +160,12 @@ def test_train_sh_stops_bad_input_before_torchrun(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]
     assert "train.nosuch" in done.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value,ok", [("auto", True), ("false", True), ("true", False), ("1", False)])
+def test_compile_key_is_accepted_but_true_is_refused(value, ok):
+    if ok:
+        load_config(None, [f"train.compile={value}"])
+    else:
+        with pytest.raises(ConfigError, match="train.compile"):
+            load_config(None, [f"train.compile={value}"])

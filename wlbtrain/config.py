@@ -142,12 +142,16 @@ class TrainConfig:
     # Recompute decoder layers in the backward instead of keeping their activations: none,
     # full (every layer) or selective (every activation_checkpointing_every-th layer)
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    # Regional torch.compile: `auto` runs eager for now; `true` is refused until it exists
+    compile: Literal["auto", True, False] = "auto"
     activation_checkpointing_every: int = 2
 
     def validate(self) -> None:
         _require(self.steps >= 0, "train.steps", "an integer >= 0")
         _require(self.activation_checkpointing_every >= 1, "train.activation_checkpointing_every",
                  "an integer >= 1")
+        _require(self.compile == "auto" or self.compile is False, "train.compile",
+                 "auto or false: compilation is not implemented yet (the model runs eager)")
         _require(self.micro_batches >= 1, "train.micro_batches", "an integer >= 1")
         _require(self.lr > 0, "train.lr", "a positive number")
         _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "a number in [0, 1]")
