@@ -105,7 +105,7 @@ class MetricsLogger:
         return (f"step {step:>{len(str(self.total_steps))}}/{self.total_steps} "
                 f"({100 * step / max(self.total_steps, 1):3.0f}%)  loss {r['loss']:.4f}  "
                 f"lr {r['lr']:.2e}  tok/s {r['tokens_per_s']:,.0f}  mfu {mfu}  "
-                f"imbalance {r['imbalance']:.3f}  mem {r['memory_gib']:.2f}GiB  "
+                f"imbalance {r['imbalance']:.3f}{_measured(r)}  mem {r['memory_gib']:.2f}GiB  "
                 f"step {r['step_time_s']:.2f}s  eta {_duration(eta)}")
 
     def close(self) -> None:
@@ -113,6 +113,13 @@ class MetricsLogger:
             self.file.close()
             if self.writer is not None:
                 self.writer.close()
+
+
+def _measured(r: dict) -> str:
+    """With a pipeline, the measured balance beside the cost model's estimate."""
+    if "measured_imbalance" not in r:
+        return ""
+    return f" (measured {r['measured_imbalance']:.3f}, bubble {100 * r['bubble']:.0f}%)"
 
 
 def _duration(seconds: float) -> str:
