@@ -162,3 +162,16 @@ def test_log_every_thins_the_console_not_the_metrics(tmp_path, cache_dir, capsys
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
     assert len(printed) == 2  # step 3 and the last step
+
+
+def test_rank_prints_layout_and_a_failure_names_its_coordinates(tmp_path, cache_dir, monkeypatch,
+                                                                capsys):
+    def broken(self, plan):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(Trainer, "train_step", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        train(tiny(tmp_path, cache_dir, "train.steps=2", "checkpoint.resume=none"))
+    out, err = capsys.readouterr()
+    assert "layout PP(1)-DP(1)-CP(1)-TP(1)-Rank(0)" in out
+    assert "PP(0/1)-DP(0/1)-CP(0/1)-TP(0/1)-Rank(0): RuntimeError: injected" in err
