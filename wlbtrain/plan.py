@@ -266,16 +266,6 @@ def cost_model_for(cfg) -> CostModel:
     return CostModel.from_model(cfg.model, cfg.parallel)
 
 
-def cp_estimator_for(cfg) -> ShardCostEstimator:
-    """The CP sharding estimate for one rank of the recipe: the profile's "cp" section when
-    data.cost_profile has one, else the FLOP-based default."""
-    m, tp = cfg.model, cfg.parallel.tp
-    heads, head_dim = max(m.n_heads // tp, 1), m.dim // m.n_heads
-    if cfg.data.cost_profile and has_cp_profile(cfg.data.cost_profile):
-        return ShardCostEstimator.from_profile(cfg.data.cost_profile, heads, head_dim)
-    return ShardCostEstimator(heads=heads, head_dim=head_dim)
-
-
 # ---------------------------------------------------------------------------------- running
 
 @dataclass
@@ -323,7 +313,7 @@ def to_json(run: PackerRun, cfg, cp_estimator: ShardCostEstimator | None = None)
             "pending": [list(p) for p in run.pending],
             "summary": run.summary(n_micro, cfg.data.context, cfg.parallel.data_parallel(None))}
     if cfg.parallel.cp > 1:
-        _add_cp_json(plan, run, cfg, cp_estimator or cp_estimator_for(cfg))
+        _add_cp_json(plan, run, cfg, cp_estimator or ShardCostEstimator.for_config(cfg))
     return plan
 
 
@@ -495,18 +485,23 @@ def run(args) -> int:
         return EXIT_BAD_INPUT
 
 
+def _inputs(args):
+    """The recipe with the command line's overrides, its document lengths and cost model."""
+    cfg = _config(args)
+    lengths = _doc_lengths(args, cfg)
+    try:
+        return cfg, lengths, cost_model_for(cfg)
+    except ValueError as err:
+        raise PlanError(f"data.cost_profile: {err}") from None
+
+
 def _run(args) -> int:
     if args.steps is None or args.steps < 1:
         raise PlanError(f"--steps {args.steps}: expected a positive integer")
     if getattr(args, "sweep_delay", None) is not None:
         return _run_sweep(args)
     _check_plot_available(args.plot)
-    cfg = _config(args)
-    lengths = _doc_lengths(args, cfg)
-    try:
-        cost_model = cost_model_for(cfg)
-    except ValueError as err:
-        raise PlanError(f"data.cost_profile: {err}") from None
+    cfg, lengths, cost_model = _inputs(args)
     chosen = variants(cfg, args.packing is not None, args.json)
     runs = [run_variant(v, cfg, lengths, args.steps, cost_model) for v in chosen]
     if args.plot:
@@ -536,12 +531,7 @@ def _budgets(text: str) -> list[float]:
 def _run_sweep(args) -> int:
     """The frontier table; --plot without matplotlib still prints it and says what to install."""
     budgets = _budgets(args.sweep_delay)
-    cfg = _config(args)
-    lengths = _doc_lengths(args, cfg)
-    try:
-        cost_model = cost_model_for(cfg)
-    except ValueError as err:
-        raise PlanError(f"data.cost_profile: {err}") from None
+    cfg, lengths, cost_model = _inputs(args)
     points = sweep_delay(cfg, lengths, args.steps, cost_model, budgets)
     source = args.lengths or args.recipe or "default 7B-128K layout"
     if args.json:
@@ -561,7 +551,7 @@ def _run_sweep(args) -> int:
 
 def _cp_estimator(cfg) -> ShardCostEstimator:
     try:
-        return cp_estimator_for(cfg)
+        return ShardCostEstimator.for_config(cfg)
     except ValueError as err:
         raise PlanError(f"data.cost_profile: {err}") from None
 

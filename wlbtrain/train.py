@@ -41,7 +41,7 @@ from .parallel.fsdp import apply_fsdp
 from .parallel.pipeline import (PipelineRunner, build_schedule, pipeline_metrics, split_layers,
                                 stage_chunks)
 from .parallel.context import make_context_attention
-from .parallel.sharding import ShardCostEstimator, cost_balance, has_cp_profile, plan_shards
+from .parallel.sharding import ShardCostEstimator, cost_balance, plan_shards
 from .parallel.tensor import apply_tp, loss_context
 
 
@@ -202,7 +202,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg)
         self.pipeline = self._build_pipeline()
         self.pipeline_record: dict = {}  # measured stage times of the last step
-        self.cp_estimator = self._cp_estimator()
+        # the kernel-aware estimate adaptive and hybrid sharding choose by
+        self.cp_estimator = ShardCostEstimator.for_config(cfg)
         self.cp_plans: list = []  # this rank's CP plans of the current step
 
         self.stream, self.packer = self._build_data()
@@ -251,16 +252,6 @@ class Trainer:
         model.to_empty(device=self.place.device)
         model.init_weights(self.cfg.train.seed)
         return model
-
-    def _cp_estimator(self) -> ShardCostEstimator:
-        """The kernel-aware latency estimate the adaptive and hybrid shardings choose by: a
-        measured profile's, else a FLOP-based default for this model's heads per rank."""
-        profile = self.cfg.data.cost_profile
-        if profile is not None and has_cp_profile(profile):
-            model = self.cfg.model
-            return ShardCostEstimator.from_profile(profile, heads=model.n_heads // self.dims.tp,
-                                                   head_dim=model.head_dim)
-        return ShardCostEstimator.from_model(self.cfg.model, self.cfg.parallel)
 
     def _build_pipeline(self) -> PipelineRunner | None:
         par = self.cfg.parallel

@@ -91,16 +91,23 @@ class CostModel:
     @classmethod
     def from_profile(cls, path: str | os.PathLike) -> "CostModel":
         """Load ``{"attn_coef": s/token², "linear_coef": s/token, ...}`` written by profile_cost.py."""
-        try:
-            with open(path) as f:
-                profile = json.load(f)
-        except FileNotFoundError:
-            raise ValueError(f"{path}: cost profile not found") from None
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path}: cannot read the cost profile ({err})") from None
+        profile = read_profile(path)
         if not isinstance(profile, dict) or not {"attn_coef", "linear_coef"} <= profile.keys():
             raise ValueError(f"{path}: a cost profile needs the keys attn_coef and linear_coef")
         return cls(attn_coef=float(profile["attn_coef"]), linear_coef=float(profile["linear_coef"]))
+
+
+def read_profile(path: str | os.PathLike) -> dict:
+    """The parsed JSON of a cost profile (scripts/profile_cost.py); ValueError when missing or
+    unreadable. Callers check the keys they need."""
+    try:
+        with open(path) as f:
+            profile = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: cost profile not found") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read the cost profile ({err})") from None
+    return profile
 
 
 def attention_flops_per_squared_token(dim: int) -> float:

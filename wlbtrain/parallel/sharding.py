@@ -27,13 +27,14 @@ Shardings (``parallel.cp_sharding``):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
 import numpy as np
+
+from ..data.cost import read_profile
 
 SHARDINGS = ("per_sequence", "per_document", "adaptive", "hybrid")
 
@@ -201,6 +202,17 @@ class ShardCostEstimator:
                    head_dim=model.dim // model.n_heads, **overrides)
 
     @classmethod
+    def for_config(cls, cfg) -> "ShardCostEstimator":
+        """One CP rank of the recipe: the "cp" section of data.cost_profile when it has one,
+        else the FLOP-based default, for the model's heads per tensor-parallel rank."""
+        profile = cfg.data.cost_profile
+        if profile and has_cp_profile(profile):
+            model = cfg.model
+            return cls.from_profile(profile, max(model.n_heads // cfg.parallel.tp, 1),
+                                    model.dim // model.n_heads)
+        return cls.from_model(cfg.model, cfg.parallel)
+
+    @classmethod
     def from_profile(cls, path: str | os.PathLike, heads: int | None = None,
                      head_dim: int | None = None) -> "ShardCostEstimator":
         """The ``"cp"`` section that scripts/profile_cost.py measures on the GPU; heads and
@@ -218,20 +230,13 @@ class ShardCostEstimator:
 
 def has_cp_profile(path: str | os.PathLike) -> bool:
     try:
-        with open(path) as f:
-            return isinstance(json.load(f).get("cp"), dict)
-    except (OSError, ValueError, AttributeError):
+        return isinstance(read_profile(path).get("cp"), dict)
+    except (ValueError, AttributeError):  # unreadable, or not a JSON object
         return False
 
 
 def _read_cp_profile(path) -> dict:
-    try:
-        with open(path) as f:
-            profile = json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: cost profile not found") from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read the cost profile ({err})") from None
+    profile = read_profile(path)
     if not isinstance(profile, dict) or not isinstance(profile.get("cp"), dict):
         raise ValueError(f"{path}: the cost profile has no \"cp\" section; measure it on a GPU "
                          "with scripts/profile_cost.py")
