@@ -162,8 +162,9 @@ def test_train_sh_stops_bad_input_before_torchrun(tmp_path):
     assert "train.nosuch" in done.stderr and not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("value,ok", [("auto", True), ("false", True), ("true", False), ("1", False)])
-def test_compile_key_is_accepted_but_true_is_refused(value, ok):
+@pytest.mark.parametrize("value,ok", [("auto", True), ("false", True), ("true", True),
+                                      ("1", False), ("yes please", False)])
+def test_compile_key_takes_auto_or_a_boolean(value, ok):
     if ok:
         load_config(None, [f"train.compile={value}"])
     else:

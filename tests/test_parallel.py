@@ -69,6 +69,13 @@ LAYOUTS = [
      "CP 2 x PP 2 adaptive ring, wlb packing", 4),
     (["parallel.dp=2", "parallel.cp=2", "train.micro_batches=2",
       "parallel.cp_sharding=per_document"], "CP 2 x DP 2 per_document (FSDP over dp x cp)", 4),
+    # regional compilation composes with activation checkpointing and FSDP ...
+    (["parallel.dp=2", "train.micro_batches=2", "train.compile=true",
+      "train.activation_checkpointing=selective"], "DP 2 compiled, selective AC", 2),
+    # ... and with the pipeline and context parallelism's exchange around the attention
+    (["parallel.dp=1", "parallel.cp=2", "parallel.pp=2", "train.micro_batches=4",
+      "data.packing=wlb", "parallel.cp_sharding=adaptive", "train.compile=true"],
+     "CP 2 x PP 2 compiled, wlb packing", 4),
 ]
 
 
@@ -117,9 +124,11 @@ _SINGLE_RUNS: dict[tuple, tuple] = {}  # layouts sharing a reference run train i
 
 def single_process_run(tmp_path_factory, store, overrides) -> tuple:
     """The single-process run of the same global batch as the layout ``overrides``."""
-    # activation checkpointing must not change the result either: the reference runs without
+    # activation checkpointing and compilation must not change the result either: the
+    # reference runs without
     single = [o for o in overrides if not o.startswith(("parallel.", "train.micro_batches",
-                                                        "train.activation_checkpointing"))]
+                                                        "train.activation_checkpointing",
+                                                        "train.compile"))]
     key = tuple(sorted(single))
     if key not in _SINGLE_RUNS:
         base = tmp_path_factory.mktemp("single")

@@ -34,8 +34,8 @@ from .data.store import TokenStore, open_source
 from .data.stream import DocumentStream
 from .metrics import MetricsLogger, device_peak_tflops, peak_memory_gib
 from .models.attention import LocalAttention, get_backend, segment_attention
-from .models.llama import (apply_activation_checkpointing, build_model, flops_per_step,
-                           stage_costs)
+from .models.llama import (apply_activation_checkpointing, apply_compile, build_model,
+                           flops_per_step, stage_costs)
 from .parallel.dims import ParallelDims, init_process_group, world_size_from_env
 from .parallel.fsdp import apply_fsdp
 from .parallel.pipeline import (PipelineRunner, build_schedule, pipeline_metrics, split_layers,
@@ -50,6 +50,7 @@ class Placement:
     device: torch.device
     compute_dtype: torch.dtype  # dtype of matrix products (autocast); weights stay fp32
     attention: str
+    compile: bool  # regional torch.compile of the decoder layers and the loss
 
 
 def resolve_placement(cfg: Config) -> Placement:
@@ -71,7 +72,8 @@ def resolve_placement(cfg: Config) -> Placement:
         attention = "triton" if on_gpu else "reference"
     if attention == "triton":
         _check_triton(cfg, on_gpu)
-    return Placement(device, getattr(torch, dtype), attention)
+    compile_ = on_gpu if cfg.train.compile == "auto" else cfg.train.compile
+    return Placement(device, getattr(torch, dtype), attention, compile_)
 
 
 def _check_triton(cfg: Config, on_gpu: bool) -> None:
@@ -237,13 +239,15 @@ class Trainer:
         self.stage = stage_chunks(self.chunks, self.coords["pp"], par.pp)
         model = build_model(self.cfg.model, self.stage.layer_ids, self.stage.embed,
                             self.stage.head)
-        # TorchTitan's order: tensor parallelism, activation checkpointing, then FSDP over the
-        # data × context ranks (whose weights are the same), on the meta device; weights are
-        # initialised last.
+        # TorchTitan's order: tensor parallelism, activation checkpointing, compilation, then
+        # FSDP over the data × context ranks (whose weights are the same), on the meta device;
+        # weights are initialised last.
         if self.dims.tp > 1:
             apply_tp(model, self.mesh["tp"])
         apply_activation_checkpointing(model, self.cfg.train.activation_checkpointing,
                                        self.cfg.train.activation_checkpointing_every)
+        if self.place.compile and self.dims.tp == 1:
+            apply_compile(model)
         if self.dims.dp_cp > 1:
             # a pipeline runs several micro-batches' forwards before their backwards: keep the
             # gathered weights instead of gathering them again for every micro-batch
@@ -465,7 +469,11 @@ class Trainer:
             print(f"layout {self.dims.describe(self.rank)}  mesh [pp, dp, cp, tp]  "
                   f"device {self.place.device}  "
                   f"attention {self.place.attention}  dtype {self.place.compute_dtype}  "
+                  f"compile {self.place.compile and self.dims.tp == 1}  "
                   f"packing {cfg.data.packing}  documents {self.store.num_docs}", flush=True)
+            if self.place.compile and self.dims.tp > 1:
+                print("train.compile: tensor-parallel layers run eager (DTensor layers do not "
+                      "compile with dynamic token counts yet)", flush=True)
         logger = MetricsLogger(cfg.train.out_dir, cfg.train.steps, rank0, self.step,
                                cfg.train.tensorboard)
         saved_step = self.step

@@ -12,6 +12,7 @@ on weights that are about to be sharded or overwritten.
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from dataclasses import dataclass
@@ -77,8 +78,17 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(T, -1, self.head_dim)
         v = self.v_proj(x).view(T, -1, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = attention(q, k, v)
+        out = _attend(attention, q, k, v)
         return self.o_proj(out.reshape(T, -1))
+
+
+@torch.compiler.disable
+def _attend(attention: LocalAttention, q, k, v):
+    """Attention runs outside the compiler: the Triton kernels and the context-parallel
+    exchange are already what compilation would produce, and the callable changes every
+    micro-batch. Under ``torch.compile`` the layer is split here into two graphs, neither of which
+    depends on the callable or its segments, so new lengths and documents do not recompile."""
+    return attention(q, k, v)
 
 
 class MLP(nn.Module):
@@ -134,6 +144,7 @@ class Llama(nn.Module):
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in ids})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps) if head else None
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False) if head else None
+        self.compiled_loss = False  # set by apply_compile
 
     def whole(self) -> ModelChunk:
         """Everything this module holds, as one chunk."""
@@ -165,16 +176,14 @@ class Llama(nn.Module):
         if labels is None:
             return self.lm_head(h)
         total = torch.zeros((), dtype=torch.float32, device=labels.device)
+        loss_sum = _loss_sum
+        if self.compiled_loss and not isinstance(h, DTensor):
+            loss_sum = _compiled_loss_sum()
         for h_part, labels_part in zip(h.split(LOSS_CHUNK), labels.split(LOSS_CHUNK)):
             # Recomputed in the backward, so no slice's logits outlive its own loss.
-            total = total + checkpoint(self._loss_sum, h_part, labels_part, use_reentrant=False)
+            total = total + checkpoint(loss_sum, self.lm_head, h_part, labels_part,
+                                       use_reentrant=False)
         return total
-
-    def _loss_sum(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        # Under tensor parallelism the logits are a DTensor sharded over the vocabulary and
-        # cross_entropy runs vocabulary-parallel (inside torch's loss_parallel context).
-        loss = F.cross_entropy(self.lm_head(h).float(), labels, reduction="sum")
-        return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
@@ -198,12 +207,39 @@ class Llama(nn.Module):
             _copy_full(param, full)
 
 
+def _loss_sum(head: nn.Linear, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed token loss of one slice of the micro-batch, the logits in fp32."""
+    # Under tensor parallelism the logits are a DTensor sharded over the vocabulary and
+    # cross_entropy runs vocabulary-parallel (inside torch's loss_parallel context).
+    loss = F.cross_entropy(head(h).float(), labels, reduction="sum")
+    return loss.full_tensor() if isinstance(loss, DTensor) else loss
+
+
+@functools.cache
+def _compiled_loss_sum():
+    # head, fp32 upcast, log-softmax and the gather fused: the [slice, vocab] logits are written
+    # once instead of three times. Built on first use, shared by every model in the process.
+    return torch.compile(_loss_sum, dynamic=True)
+
+
 def apply_activation_checkpointing(model: Llama, mode: str, every: int = 2) -> None:
     """Recompute decoder layers in the backward: ``full`` every layer, ``selective`` every
     ``every``-th (by global layer index, so pipeline stages agree), ``none`` no layer. Memory for
     a layer's activations is traded for one more forward of it; names and weights are untouched."""
     for name, layer in model.layers.items():
         layer.recompute = mode == "full" or (mode == "selective" and int(name) % every == 0)
+
+
+def apply_compile(model: Llama) -> None:
+    """Regional compilation: each decoder layer's forward is compiled on its own (hooks that
+    tensor parallelism, activation checkpointing and FSDP put around it stay eager), with dynamic
+    token counts, as is the loss over a slice of the head. The layers share one code object, so
+    they share graphs: packed micro-batches of any length compile a handful of graphs in all.
+    Call after tensor parallelism and before FSDP (TorchTitan's order)."""
+    for layer in model.layers.values():
+        layer.forward = torch.compile(layer.forward, dynamic=True)
+    if model.lm_head is not None:
+        model.compiled_loss = True
 
 
 def _replicate_tokens(h: torch.Tensor) -> torch.Tensor:
