@@ -47,9 +47,9 @@ def record_plans(monkeypatch):
     plans = {}
     original = Trainer.train_step
 
-    def recording(self, plan):
+    def recording(self, plan, *rest):
         plans[self.step] = [list(map(tuple, mb)) for mb in plan]
-        return original(self, plan)
+        return original(self, plan, *rest)
 
     monkeypatch.setattr(Trainer, "train_step", recording)
     return plans
@@ -85,10 +85,10 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, cache_dir, long_tail_s
     plans_crash = record_plans(monkeypatch)
     original = Trainer.train_step
 
-    def crash(self, plan):
+    def crash(self, plan, *rest):
         if self.step == 6:
             raise RuntimeError("simulated crash")
-        return original(self, plan)
+        return original(self, plan, *rest)
 
     monkeypatch.setattr(Trainer, "train_step", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -166,7 +166,7 @@ def test_log_every_thins_the_console_not_the_metrics(tmp_path, cache_dir, capsys
 
 def test_rank_prints_layout_and_a_failure_names_its_coordinates(tmp_path, cache_dir, monkeypatch,
                                                                 capsys):
-    def broken(self, plan):
+    def broken(self, plan, *rest):
         raise RuntimeError("injected")
 
     monkeypatch.setattr(Trainer, "train_step", broken)

@@ -72,6 +72,8 @@ class DataConfig:
     # ranks: without a pipeline (pp=1), the DP ranks' summed work, which they wait for
     balance: Literal["micro_batches", "ranks"] = "micro_batches"
     cost_profile: Optional[str] = None  # JSON from scripts/profile_cost.py; default: FLOP model
+    # plan and gather step N+1 on a background thread while step N trains
+    prefetch: bool = True
 
     def validate(self) -> None:
         _require(self.context > 0, "data.context", "a positive integer")

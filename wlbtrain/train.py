@@ -10,6 +10,7 @@ layout reproduces the single-device loss.
 
 from __future__ import annotations
 
+import copy
 import gc
 import math
 import os
@@ -30,6 +31,7 @@ from .config import Config, ConfigError
 from .data.batch import build_micro_batch, num_targets, pad_micro_batch
 from .data.cost import CostModel, imbalance
 from .data.packing import balance_ranks, make_packer, max_piece_for
+from .data.prefetch import InputPipeline, StepInput
 from .data.store import TokenStore, open_source
 from .data.stream import DocumentStream
 from .metrics import MetricsLogger, device_peak_tflops, peak_memory_gib
@@ -170,6 +172,19 @@ def _cost_model(cfg: Config) -> CostModel:
 
 
 @dataclass
+class HostBatch:
+    """One micro-batch of this rank gathered on the host (pinned when it goes to a GPU), made by
+    the input pipeline ahead of its step; under context parallelism only this rank's shard."""
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    labels: torch.Tensor
+    cu_seqlens: torch.Tensor  # the whole micro-batch's segments (unused under CP)
+    max_seqlen: int
+    cp_plan: object = None  # the context-parallel sharding plan, under CP
+
+
+@dataclass
 class LocalBatch:
     """One micro-batch as this rank feeds it to the model: ``rows`` tokens (padding included;
     under context parallelism this rank's share), split over tensor-parallel ranks inside."""
@@ -214,6 +229,10 @@ class Trainer:
             self._resume(self.resume_path)
         elif cfg.checkpoint.init_from != "none":
             ckpt.load_hf_weights(cfg.checkpoint.init_from, self.model)
+        # the stream and packer state after the last trained step (the input pipeline's
+        # packer runs a step ahead)
+        self.data_state = copy.deepcopy({"stream": self.stream.state_dict(),
+                                         "packer": self.packer.state_dict()})
         # Checkpoints past the resume point belong to a run this one does not continue; they
         # are set aside (not deleted) at the first save.
         self.set_aside_after = self.step
@@ -291,17 +310,19 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.place.device.type, dtype=self.place.compute_dtype)
 
-    def train_step(self, plan: list[list]) -> tuple[float, float]:
-        """Forward and backward over this rank's micro-batches of ``plan``, then one optimizer
-        step. Returns (global mean loss per target token, gradient norm)."""
-        mb = self.cfg.train.micro_batches
-        mine = plan[self.dp_rank * mb:(self.dp_rank + 1) * mb]
+    def train_step(self, plan: list[list], host: list[HostBatch] | None = None
+                   ) -> tuple[float, float]:
+        """Forward and backward over this rank's micro-batches of ``plan`` (``host``: already
+        gathered by the input pipeline), then one optimizer step. Returns (global mean loss per
+        target token, gradient norm)."""
+        if host is None:
+            host = self._host_batches(plan)
         targets = sum(num_targets(pieces, self.store.doc_lengths) for pieces in plan)
         # FSDP averages gradients over the dp × cp ranks; the loss is already a global mean
         # (and tensor-parallel ranks compute the same one), so undo the average.
         scale = self.dims.dp_cp / max(targets, 1)
-        self.cp_plans = []
-        batches = [self._local_batch(pieces) for pieces in mine]
+        self.cp_plans = [b.cp_plan for b in host if b.cp_plan is not None]
+        batches = [self._local_batch(b) for b in host]
         with loss_context(self.dims.tp):
             if self.pipeline is None:
                 loss_sum = self._run_micro_batches(batches, scale)
@@ -363,29 +384,54 @@ class Trainer:
                                                 self.place.device)
         return loss_sum
 
-    def _local_batch(self, pieces) -> LocalBatch:
-        """What this rank feeds the model for one micro-batch: the tokens (tail padded for
-        sequence and context parallelism) and the attention over their segments; under context
-        parallelism only this rank's shard of them."""
+    def _host_batches(self, plan: list[list]) -> list[HostBatch]:
+        mb = self.cfg.train.micro_batches
+        return [self._host_batch(pieces)
+                for pieces in plan[self.dp_rank * mb:(self.dp_rank + 1) * mb]]
+
+    def _host_batch(self, pieces) -> HostBatch:
+        """What this rank feeds the model for one micro-batch, on the host: the tokens (tail
+        padded for sequence and context parallelism), under context parallelism only this
+        rank's shard of them. Runs on the input pipeline's thread."""
         batch = pad_micro_batch(build_micro_batch(self.store, pieces), self.dims.token_multiple)
-        if self.dims.cp == 1:
-            batch = batch.to(self.place.device)
-            attention = segment_attention(self.kernel, batch.cu_seqlens, batch.max_seqlen)
-            return LocalBatch(batch.tokens, batch.positions, batch.labels, attention)
-        par = self.cfg.parallel
-        plan = plan_shards([length for _, _, length in pieces], par.cp,
-                           self.dims.token_multiple, par.cp_sharding, self.cp_estimator)
-        if plan.padded_tokens != batch.num_padded_tokens:
-            raise RuntimeError(f"CP plan pads to {plan.padded_tokens} tokens, the micro-batch "
-                               f"to {batch.num_padded_tokens}")
-        self.cp_plans.append(plan)
-        index = torch.from_numpy(plan.ranks[self.coords["cp"]].token_index())
-        attention = make_context_attention(plan, self.coords["cp"], self.mesh["cp"].get_group(),
-                                           par.cp_attention, self.place.attention,
-                                           self.place.device)
-        move = lambda t: t[index].to(self.place.device, non_blocking=True)  # noqa: E731
-        return LocalBatch(move(batch.tokens), move(batch.positions), move(batch.labels),
-                          attention)
+        rows = (batch.tokens, batch.positions, batch.labels)
+        plan = None
+        if self.dims.cp > 1:
+            par = self.cfg.parallel
+            plan = plan_shards([length for _, _, length in pieces], par.cp,
+                               self.dims.token_multiple, par.cp_sharding, self.cp_estimator)
+            if plan.padded_tokens != batch.num_padded_tokens:
+                raise RuntimeError(f"CP plan pads to {plan.padded_tokens} tokens, the "
+                                   f"micro-batch to {batch.num_padded_tokens}")
+            index = torch.from_numpy(plan.ranks[self.coords["cp"]].token_index())
+            rows = tuple(t[index] for t in rows)
+        cu = batch.cu_seqlens
+        if self.place.device.type == "cuda":  # page-locked: the copy to the GPU does not block
+            rows, cu = tuple(t.pin_memory() for t in rows), cu.pin_memory()
+        return HostBatch(*rows, cu, batch.max_seqlen, plan)
+
+    def _local_batch(self, host: HostBatch) -> LocalBatch:
+        """The micro-batch on this rank's device, with the attention over its segments (under
+        context parallelism, over the keys the CP ranks exchange)."""
+        move = lambda t: t.to(self.place.device, non_blocking=True)  # noqa: E731
+        if host.cp_plan is None:
+            attention = segment_attention(self.kernel, move(host.cu_seqlens), host.max_seqlen)
+        else:
+            attention = make_context_attention(host.cp_plan, self.coords["cp"],
+                                               self.mesh["cp"].get_group(),
+                                               self.cfg.parallel.cp_attention,
+                                               self.place.attention, self.place.device)
+        return LocalBatch(move(host.tokens), move(host.positions), move(host.labels), attention)
+
+    def _produce(self, step: int) -> StepInput:
+        """Step ``step``'s input: its global batch planned, this rank's part gathered, and the
+        data state a checkpoint of that step saves. Runs on the input pipeline's thread."""
+        start = time.perf_counter()
+        plan = self.packer.pack(self.stream)
+        state = copy.deepcopy({"stream": self.stream.state_dict(),
+                               "packer": self.packer.state_dict()})
+        host = self._host_batches(plan)
+        return StepInput(step, plan, state, host, time.perf_counter() - start)
 
     def _global_loss(self, loss_sum: torch.Tensor) -> float:
         """The summed loss of the whole global batch: one contribution per data-parallel rank
@@ -435,8 +481,8 @@ class Trainer:
                 "memory_gib": peak_memory_gib(self.place.device), **cp, **self.pipeline_record}
 
     def _train_state(self) -> dict:
-        return {"stream": self.stream.state_dict(), "packer": self.packer.state_dict(),
-                "global_micro_batches": self.n_micro, "config": self.cfg.to_dict()}
+        return {**self.data_state, "global_micro_batches": self.n_micro,
+                "config": self.cfg.to_dict()}
 
     def save(self) -> None:
         if self.set_aside_after is not None:
@@ -477,18 +523,27 @@ class Trainer:
         logger = MetricsLogger(cfg.train.out_dir, cfg.train.steps, rank0, self.step,
                                cfg.train.tensorboard)
         saved_step = self.step
-        with StopRequest() as stop:
+        inputs = InputPipeline(self._produce, range(self.step + 1, cfg.train.steps + 1),
+                               background=cfg.data.prefetch)
+        with StopRequest() as stop, inputs:
             while self.step < cfg.train.steps and not self._stop_agreed(stop.requested):
                 self.step += 1
                 lr = lr_at(self.step, cfg)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 start = time.perf_counter()
-                plan = self.packer.pack(self.stream)
-                loss, grad_norm = self.train_step(plan)  # .item() waits for the device
+                step_input = inputs.next()
+                waited = time.perf_counter() - start
+                # .item() in train_step waits for the device
+                loss, grad_norm = self.train_step(step_input.plan, step_input.batches)
+                self.data_state = step_input.state
                 seconds = time.perf_counter() - start
                 console = self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps
-                logger.log(self._step_record(plan, loss, grad_norm, lr, seconds), console)
+                record = self._step_record(step_input.plan, loss, grad_norm, lr, seconds)
+                # host time the step waited for its input (on the critical path), and the host
+                # time producing it took (off it when the pipeline runs ahead)
+                record.update(input_wait_s=waited, input_build_s=step_input.seconds)
+                logger.log(record, console)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at step {self.step}; the last "
                                              "checkpoint holds the last good state")
