@@ -37,6 +37,10 @@ def summarise(rows: list[dict], warmup: int) -> dict:
             "step_time_s": statistics.median(r["step_time_s"] for r in timed),
             "mfu": statistics.median(mfu) if mfu else None,
             "memory_gib": max(r["memory_gib"] for r in rows),
+            # host time on the step's critical path (waiting for its input), as a share of it
+            "input_wait_share": statistics.median(r.get("input_wait_s", 0) / r["step_time_s"]
+                                                  for r in timed),
+            "input_build_s": statistics.median(r.get("input_build_s", 0) for r in timed),
             "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"]}
 
 
@@ -82,12 +86,14 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1))
     mfu = "n/a" if summary["mfu"] is None else f"{100 * summary['mfu']:.1f}%"
-    print("| recipe | device | tokens/step | tokens/s | step s | MFU | peak mem GiB | loss first → last |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| recipe | device | tokens/step | tokens/s | step s | MFU | peak mem GiB | "
+          "input wait % of step | input build ms | loss first → last | wall s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print(f"| {args.recipe} {' '.join(args.overrides)} | {summary['device']} | "
           f"{summary['tokens_per_step']:.0f} | {summary['tokens_per_s']:,.0f} | "
           f"{summary['step_time_s']:.3f} | {mfu} | {summary['memory_gib']:.2f} | "
-          f"{summary['loss_first']:.3f} → {summary['loss_last']:.3f} |")
+          f"{100 * summary['input_wait_share']:.2f}% | {1e3 * summary['input_build_s']:.1f} | "
+          f"{summary['loss_first']:.3f} → {summary['loss_last']:.3f} | {wall:.0f} |")
     return 0
 
 
