@@ -58,6 +58,29 @@ def synthetic_store(args, path: Path) -> Path:
     return path
 
 
+def profile_step(step: int) -> None:
+    """Run step ``step`` under torch.profiler and print its 30 costliest operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from wlbtrain.train import Trainer
+
+    original = Trainer.train_step
+
+    def profiled(self, *args):
+        if self.step != step:
+            return original(self, *args)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                               if torch.cuda.is_available() else [])
+        with profile(activities=activities) as prof:
+            result = original(self, *args)
+        if self.rank == 0:
+            key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
+        return result
+
+    Trainer.train_step = profiled
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe")
@@ -67,7 +90,11 @@ def main() -> int:
     parser.add_argument("--out-dir", default="runs/bench", help="run directory (replaced)")
     parser.add_argument("--lengths", help="document lengths (JSON list, one a line, or .npy)")
     parser.add_argument("--docs", type=int, default=4000, help="documents drawn from --lengths")
+    parser.add_argument("--profile", type=int, metavar="STEP",
+                        help="profile this step: top kernels by device time on rank 0")
     args = parser.parse_args()
+    if args.profile:
+        profile_step(args.profile)
     out = Path(args.out_dir)
     overrides = [*args.overrides, f"train.out_dir={out}", "checkpoint.resume=none",
                  "checkpoint.every=0"]

@@ -106,7 +106,11 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2))
+    # one fused kernel for the whole update on a GPU (plain tensors; sharded ones use foreach)
+    params = decay + no_decay
+    fused = all(p.is_cuda and not isinstance(p, DTensor) for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
+                             fused=fused or None)
 
 
 class StopRequest:
