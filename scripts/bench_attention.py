@@ -241,7 +241,8 @@ def measure(name, method, layout, qkv, ref_rows, ref_out, budget_ms):
 # Candidate tiles (block_m, block_n, num_warps, num_stages) for --sweep. Tiles that spill
 # registers or overflow shared memory are reported and skipped.
 FORWARD_CANDIDATES = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3)]
-DKDV_CANDIDATES = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2), (128, 128, 8, 2)]
+DKDV_CANDIDATES = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2), (128, 128, 8, 2),
+                   (64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 4, 2)]
 DQ_CANDIDATES = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3)]
 ATOMIC_DQ_CANDIDATES = [(32, 128, 8, 2)]
 SPLIT_DKDV_CANDIDATES = [(64, 128, 8, 2), (64, 128, 8, 3), (128, 128, 8, 2)]
@@ -349,10 +350,14 @@ def main():
     parser.add_argument("--sizes", default=",".join(str(s) for s in SIZES))
     parser.add_argument("--sources", default=",".join(SOURCES))
     parser.add_argument("--sweep", action="store_true", help="tune Triton tiles first (64K)")
+    parser.add_argument("--heads", default="32,8",
+                        help="query heads,KV heads (head dim stays 128)")
     parser.add_argument("--budget-ms", type=int, default=400, help="timing budget per number")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for logs and table")
     args = parser.parse_args()
 
+    heads = [int(h) for h in args.heads.split(",")]
+    globals().update(Q_HEADS=heads[0], KV_HEADS=heads[1])
     layouts = make_layouts(args.doclens_dir) if args.doclens_dir else json.loads(
         LAYOUTS.read_text())
     if args.write_layouts:
@@ -375,7 +380,7 @@ def main():
 
     kernels = import_kernels()
     log(f"device {torch.cuda.get_device_name()} torch {torch.__version__} "
-        f"triton {__import__('triton').__version__}")
+        f"triton {__import__('triton').__version__} heads {Q_HEADS}/{KV_HEADS}")
     sizes = [int(s) for s in args.sizes.split(",")]
     sources = args.sources.split(",")
     layouts = [lay for lay in layouts if lay["tokens"] in sizes and lay["source"] in sources]
