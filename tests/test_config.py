@@ -60,7 +60,9 @@ def test_world_size_mismatch(monkeypatch, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("overrides,world,key", [
-    (["parallel.tp=2", "parallel.dp=1", "model.n_kv_heads=1"], 2, "model.n_kv_heads"),
+    # 3 KV heads over 4 ranks: neither split nor replicated evenly
+    (["parallel.tp=4", "parallel.dp=1", "model.dim=96", "model.n_heads=12", "model.n_kv_heads=3"],
+     4, "model.n_kv_heads"),
     (["parallel.tp=3", "parallel.dp=1", "model.n_heads=4", "model.n_kv_heads=2"], 3, "parallel.tp"),
     (["parallel.tp=2", "parallel.dp=2"], 2, "number of processes"),
     (["parallel.pp=2", "parallel.dp=1", "train.micro_batches=1"], 2, "train.micro_batches"),

@@ -39,6 +39,8 @@ LAYOUTS = [
     # an odd context makes every plain micro-batch's token count odd: the padding path
     (["parallel.dp=1", "parallel.tp=2", "train.micro_batches=4", "data.context=511"],
      "TP 2, padded micro-batches", 2),
+    # more TP ranks than KV heads (4 over 2): each KV head replicated on two ranks
+    (["parallel.dp=1", "parallel.tp=4", "train.micro_batches=4"], "TP 4 over 2 KV heads", 4),
     (["parallel.dp=1", "parallel.pp=2", "train.micro_batches=4"], "PP 2, 1F1B", 2),
     (["parallel.dp=1", "parallel.pp=2", "train.micro_batches=4", "data.packing=wlb"],
      "PP 2, 1F1B, wlb packing", 2),

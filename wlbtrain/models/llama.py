@@ -70,6 +70,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        # With more tensor-parallel ranks than KV heads every rank computes all KV heads and
+        # keeps the one its query heads read (set by apply_tp); None: keep what k_proj gives.
+        self.kv_head: int | None = None
 
     def forward(self, x, cos, sin, attention: LocalAttention):
         T = x.shape[0]
@@ -77,6 +80,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(T, -1, self.head_dim)
         k = self.k_proj(x).view(T, -1, self.head_dim)
         v = self.v_proj(x).view(T, -1, self.head_dim)
+        if self.kv_head is not None:
+            k, v = (t[:, self.kv_head:self.kv_head + 1] for t in (k, v))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = _attend(attention, q, k, v)
         return self.o_proj(out.reshape(T, -1))

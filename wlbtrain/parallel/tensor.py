@@ -11,10 +11,13 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
-                                               RowwiseParallel, SequenceParallel, loss_parallel,
+from torch.distributed.tensor import (DTensor, Partial, Replicate, Shard, distribute_module,
+                                      distribute_tensor)
+from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle,
+                                               PrepareModuleInput, RowwiseParallel,
+                                               SequenceParallel, loss_parallel,
                                                parallelize_module)
 
 from ..config import ConfigError, ModelConfig
@@ -22,11 +25,45 @@ from ..config import ConfigError, ModelConfig
 
 def check_tp(model: ModelConfig, tp: int) -> None:
     """Shapes tensor parallelism must split evenly; raises ConfigError naming the key."""
-    for key in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
+    for key in ("n_heads", "ffn_dim", "vocab_size"):
         value = getattr(model, key)
         if value % tp:
             raise ConfigError(f"parallel.tp: {tp} must divide model.{key} ({value}) to split it "
                               "over the tensor-parallel ranks")
+    kv = model.n_kv_heads
+    if kv % tp and tp % kv:
+        raise ConfigError(f"parallel.tp: {tp} must divide model.n_kv_heads ({kv}) to split the "
+                          f"KV heads, or be a multiple of it to replicate them")
+
+
+def replicates_kv(model: ModelConfig, tp: int) -> bool:
+    """Whether each KV head is replicated over tp / n_kv_heads ranks (more TP ranks than KV
+    heads, as in a 70B model's TP 16 over 8 KV heads)."""
+    return tp > model.n_kv_heads
+
+
+class ReplicatedKV(ParallelStyle):
+    """k_proj / v_proj when there are more TP ranks than KV heads: the weight is replicated, every
+    rank computes all KV heads from the all-gathered input (a small share of the layer's work)
+    and the attention keeps the one its query heads use. Each rank's weight gradient then covers
+    only its KV head, so the output's gradient is declared partial: the weight's gradient is
+    summed over the TP ranks."""
+
+    def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+        def partition(name, mod, mesh):
+            for key, param in list(mod.named_parameters(recurse=False)):
+                mod.register_parameter(key, nn.Parameter(distribute_tensor(param, mesh,
+                                                                          [Replicate()])))
+
+        def prepare_input(mod, inputs, mesh):
+            return tuple(DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+                         if isinstance(x, torch.Tensor) and not isinstance(x, DTensor) else x
+                         for x in inputs)
+
+        def prepare_output(mod, output, mesh):
+            return output.to_local(grad_placements=[Partial()])
+
+        return distribute_module(module, mesh, partition, prepare_input, prepare_output)
 
 
 def apply_tp(model: torch.nn.Module, tp_mesh: DeviceMesh) -> None:
@@ -39,7 +76,8 @@ def apply_tp(model: torch.nn.Module, tp_mesh: DeviceMesh) -> None:
         replicated, tokens sharded).
       - ``self_attn`` / ``mlp``: their input is all-gathered to ``[T, dim]``; q/k/v and gate/up are
         column-wise (a slice of heads / hidden units per rank), o and down row-wise with the
-        result reduce-scattered back to ``[T/tp, dim]``.
+        result reduce-scattered back to ``[T/tp, dim]``. With more ranks than KV heads, k/v are
+        replicated instead (``ReplicatedKV``) and each rank keeps its query heads' KV head.
       - ``lm_head``: column-wise over the vocabulary; takes all tokens (the model replicates the
         final norm's output before slicing it for the loss) and returns vocabulary-sharded
         logits as a DTensor, which ``F.cross_entropy`` reduces vocabulary-parallel inside
@@ -47,7 +85,14 @@ def apply_tp(model: torch.nn.Module, tp_mesh: DeviceMesh) -> None:
     Apply it on the meta-device model, before FSDP and before ``init_weights``.
     """
     token_shard = Shard(0)
+    tp = tp_mesh.size()
+    kv_style = ReplicatedKV() if replicates_kv(model.cfg, tp) else ColwiseParallel()
     for layer in model.layers.values():
+        if replicates_kv(model.cfg, tp):
+            # this rank's query heads all read one KV head: keep only that one
+            heads_per_rank = model.cfg.n_heads // tp
+            group = model.cfg.n_heads // model.cfg.n_kv_heads
+            layer.self_attn.kv_head = tp_mesh.get_local_rank() * heads_per_rank // group
         plan = {
             "input_layernorm": SequenceParallel(sequence_dim=0),
             # (x, cos, sin, attention): only x changes layout
@@ -55,8 +100,8 @@ def apply_tp(model: torch.nn.Module, tp_mesh: DeviceMesh) -> None:
                                             desired_input_layouts=(Replicate(), None, None, None),
                                             use_local_output=True),
             "self_attn.q_proj": ColwiseParallel(),
-            "self_attn.k_proj": ColwiseParallel(),
-            "self_attn.v_proj": ColwiseParallel(),
+            "self_attn.k_proj": kv_style,
+            "self_attn.v_proj": kv_style,
             "self_attn.o_proj": RowwiseParallel(output_layouts=token_shard),
             "post_attention_layernorm": SequenceParallel(sequence_dim=0),
             "mlp": PrepareModuleInput(input_layouts=(token_shard,),
