@@ -32,14 +32,25 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1" or not torch.cuda.is_available()
 
 
+# Integer arguments that change with every micro-batch's token and segment counts. Triton
+# compiles a variant of a kernel per value class of each integer argument (equal to 1, divisible
+# by 16, other); left to that, a training run meets new classes steps into the run and stalls
+# for seconds compiling them. These are passed as plain integers: one variant for any lengths.
+_VARYING = ("num_slots", "total_q", "total_rows", "num_segments", "stride_lse_h",
+            "stride_delta_h", "stride_dlse_h")
+
+
 def _jit(fn):
     """triton.jit, compiled for the GPU, or interpreted where there is none."""
+    params = fn.__code__.co_varnames[:fn.__code__.co_argcount]
+    varying = [name for name in params if name in _VARYING]
+    jit = triton.jit(do_not_specialize=varying) if varying else triton.jit
     if not _INTERPRET:
-        return triton.jit(fn)
+        return jit(fn)
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        return triton.jit(fn)
+        return jit(fn)
     finally:
         if saved is None:
             del os.environ["TRITON_INTERPRET"]
