@@ -12,11 +12,11 @@ from wlbtrain.models.llama import (apply_activation_checkpointing, apply_compile
 CFG = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=97)
 
 
-def make_model(compiled: bool, checkpointing: str = "none"):
+def make_model(compiled: bool, checkpointing: str = "none", whole_layers: bool = True):
     model = build_model(CFG)
     apply_activation_checkpointing(model, checkpointing, every=2)
     if compiled:
-        apply_compile(model)
+        apply_compile(model, whole_layers)
     model.to_empty(device="cpu")
     model.init_weights(0)
     return model
@@ -41,11 +41,15 @@ def loss_and_grads(model, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("checkpointing", ["none", "selective"])
-def test_compiled_layers_match_eager_and_compile_a_bounded_number_of_graphs(checkpointing):
+# whole layers, or (as under tensor parallelism) only RoPE and SwiGLU
+@pytest.mark.parametrize("checkpointing,whole_layers", [("none", True), ("selective", True),
+                                                         ("none", False)])
+def test_compiled_layers_match_eager_and_compile_a_bounded_number_of_graphs(checkpointing,
+                                                                            whole_layers):
     torch._dynamo.reset()
     counters.clear()
-    eager, compiled = make_model(False, checkpointing), make_model(True, checkpointing)
+    eager = make_model(False, checkpointing)
+    compiled = make_model(True, checkpointing, whole_layers)
     gen = torch.Generator().manual_seed(0)
     lengths = [40, 57, 64, 91, 33, 120, 77, 200, 45, 150]
     graphs = []
@@ -57,8 +61,8 @@ def test_compiled_layers_match_eager_and_compile_a_bounded_number_of_graphs(chec
         for name, grad in grads_e.items():
             torch.testing.assert_close(grads_c[name], grad, rtol=1e-3, atol=1e-4, msg=name)
         graphs.append(counters["stats"]["unique_graphs"])
-    # two regions per layer (either side of attention) and the loss, shared by all layers;
-    # a second shape of each at most when a length first turns out to vary
+    # two regions per layer (either side of attention) and the loss, shared by all layers (or
+    # the two elementwise functions); no new graph for a new length
     assert graphs[-1] <= 6, graphs
     assert graphs[1] == graphs[-1], f"recompiled for a new length: {graphs}"
     assert counters["stats"]["unique_graphs"] > 0  # something was compiled at all

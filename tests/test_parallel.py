@@ -74,6 +74,9 @@ LAYOUTS = [
     # regional compilation composes with activation checkpointing and FSDP ...
     (["parallel.dp=2", "train.micro_batches=2", "train.compile=true",
       "train.activation_checkpointing=selective"], "DP 2 compiled, selective AC", 2),
+    # under tensor parallelism only the elementwise functions compile
+    (["parallel.dp=1", "parallel.tp=2", "train.micro_batches=4", "train.compile=true",
+      "data.packing=wlb"], "TP 2 compiled (RoPE, SwiGLU), wlb packing", 2),
     # ... and with the pipeline and context parallelism's exchange around the attention
     (["parallel.dp=1", "parallel.cp=2", "parallel.pp=2", "train.micro_batches=4",
       "data.packing=wlb", "parallel.cp_sharding=adaptive", "train.compile=true"],

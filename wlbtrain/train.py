@@ -269,8 +269,8 @@ class Trainer:
             apply_tp(model, self.mesh["tp"])
         apply_activation_checkpointing(model, self.cfg.train.activation_checkpointing,
                                        self.cfg.train.activation_checkpointing_every)
-        if self.place.compile and self.dims.tp == 1:
-            apply_compile(model)
+        if self.place.compile:
+            apply_compile(model, whole_layers=self.dims.tp == 1)
         if self.dims.dp_cp > 1:
             # a pipeline runs several micro-batches' forwards before their backwards: keep the
             # gathered weights instead of gathering them again for every micro-batch
@@ -519,11 +519,12 @@ class Trainer:
             print(f"layout {self.dims.describe(self.rank)}  mesh [pp, dp, cp, tp]  "
                   f"device {self.place.device}  "
                   f"attention {self.place.attention}  dtype {self.place.compute_dtype}  "
-                  f"compile {self.place.compile and self.dims.tp == 1}  "
+                  f"compile {self.place.compile}  "
                   f"packing {cfg.data.packing}  documents {self.store.num_docs}", flush=True)
             if self.place.compile and self.dims.tp > 1:
-                print("train.compile: tensor-parallel layers run eager (DTensor layers do not "
-                      "compile with dynamic token counts yet)", flush=True)
+                print("train.compile: under tensor parallelism only RoPE and SwiGLU are "
+                      "compiled (DTensor layers do not compile with dynamic token counts yet)",
+                      flush=True)
         logger = MetricsLogger(cfg.train.out_dir, cfg.train.steps, rank0, self.step,
                                cfg.train.tensorboard)
         saved_step = self.step

@@ -73,6 +73,7 @@ class Attention(nn.Module):
         # With more tensor-parallel ranks than KV heads every rank computes all KV heads and
         # keeps the one its query heads read (set by apply_tp); None: keep what k_proj gives.
         self.kv_head: int | None = None
+        self.rotate = apply_rotary  # or a compiled one (apply_compile)
 
     def forward(self, x, cos, sin, attention: LocalAttention):
         T = x.shape[0]
@@ -82,7 +83,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(T, -1, self.head_dim)
         if self.kv_head is not None:
             k, v = (t[:, self.kv_head:self.kv_head + 1] for t in (k, v))
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         out = _attend(attention, q, k, v)
         return self.o_proj(out.reshape(T, -1))
 
@@ -102,9 +103,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.activation = swiglu  # or a compiled one (apply_compile)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.activation(self.gate_proj(x), self.up_proj(x)))
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 class DecoderLayer(nn.Module):
@@ -183,7 +189,9 @@ class Llama(nn.Module):
         total = torch.zeros((), dtype=torch.float32, device=labels.device)
         loss_sum = _loss_sum
         if self.compiled_loss and not isinstance(h, DTensor):
-            loss_sum = _compiled_loss_sum()
+            # head, fp32 upcast, log-softmax and the gather fused: the [slice, vocab] logits
+            # are written once instead of three times
+            loss_sum = _compiled(_loss_sum)
         for h_part, labels_part in zip(h.split(LOSS_CHUNK), labels.split(LOSS_CHUNK)):
             # Recomputed in the backward, so no slice's logits outlive its own loss.
             total = total + checkpoint(loss_sum, self.lm_head, h_part, labels_part,
@@ -220,11 +228,6 @@ def _loss_sum(head: nn.Linear, h: torch.Tensor, labels: torch.Tensor) -> torch.T
     return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
 
-@functools.cache
-def _compiled_loss_sum():
-    # head, fp32 upcast, log-softmax and the gather fused: the [slice, vocab] logits are written
-    # once instead of three times. Built on first use, shared by every model in the process.
-    return torch.compile(_loss_sum, dynamic=True)
 
 
 def apply_activation_checkpointing(model: Llama, mode: str, every: int = 2) -> None:
@@ -235,16 +238,30 @@ def apply_activation_checkpointing(model: Llama, mode: str, every: int = 2) -> N
         layer.recompute = mode == "full" or (mode == "selective" and int(name) % every == 0)
 
 
-def apply_compile(model: Llama) -> None:
+def apply_compile(model: Llama, whole_layers: bool = True) -> None:
     """Regional compilation: each decoder layer's forward is compiled on its own (hooks that
     tensor parallelism, activation checkpointing and FSDP put around it stay eager), with dynamic
     token counts, as is the loss over a slice of the head. The layers share one code object, so
     they share graphs: packed micro-batches of any length compile a handful of graphs in all.
-    Call after tensor parallelism and before FSDP (TorchTitan's order)."""
+    Call after tensor parallelism and before FSDP (TorchTitan's order).
+
+    Without ``whole_layers`` (tensor parallelism: layers of DTensors do not compile with dynamic
+    token counts in this torch) only the elementwise work on plain tensors is compiled: RoPE and
+    SwiGLU, each one fused kernel instead of several.
+    """
     for layer in model.layers.values():
-        layer.forward = torch.compile(layer.forward, dynamic=True)
-    if model.lm_head is not None:
+        if whole_layers:
+            layer.forward = torch.compile(layer.forward, dynamic=True)
+        else:
+            layer.self_attn.rotate = _compiled(apply_rotary)
+            layer.mlp.activation = _compiled(swiglu)
+    if model.lm_head is not None and whole_layers:
         model.compiled_loss = True
+
+
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn, dynamic=True)
 
 
 def _replicate_tokens(h: torch.Tensor) -> torch.Tensor:
