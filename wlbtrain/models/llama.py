@@ -228,8 +228,6 @@ def _loss_sum(head: nn.Linear, h: torch.Tensor, labels: torch.Tensor) -> torch.T
     return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
 
-
-
 def apply_activation_checkpointing(model: Llama, mode: str, every: int = 2) -> None:
     """Recompute decoder layers in the backward: ``full`` every layer, ``selective`` every
     ``every``-th (by global layer index, so pipeline stages agree), ``none`` no layer. Memory for
