@@ -350,14 +350,14 @@ def main():
     parser.add_argument("--sizes", default=",".join(str(s) for s in SIZES))
     parser.add_argument("--sources", default=",".join(SOURCES))
     parser.add_argument("--sweep", action="store_true", help="tune Triton tiles first (64K)")
-    parser.add_argument("--heads", default="32,8",
-                        help="query heads,KV heads (head dim stays 128)")
+    parser.add_argument("--heads", default="32,8", help="query heads,KV heads")
+    parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--budget-ms", type=int, default=400, help="timing budget per number")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for logs and table")
     args = parser.parse_args()
 
     heads = [int(h) for h in args.heads.split(",")]
-    globals().update(Q_HEADS=heads[0], KV_HEADS=heads[1])
+    globals().update(Q_HEADS=heads[0], KV_HEADS=heads[1], HEAD_DIM=args.head_dim)
     layouts = make_layouts(args.doclens_dir) if args.doclens_dir else json.loads(
         LAYOUTS.read_text())
     if args.write_layouts:
@@ -380,7 +380,7 @@ def main():
 
     kernels = import_kernels()
     log(f"device {torch.cuda.get_device_name()} torch {torch.__version__} "
-        f"triton {__import__('triton').__version__} heads {Q_HEADS}/{KV_HEADS}")
+        f"triton {__import__('triton').__version__} heads {Q_HEADS}/{KV_HEADS} dim {HEAD_DIM}")
     sizes = [int(s) for s in args.sizes.split(",")]
     sources = args.sources.split(",")
     layouts = [lay for lay in layouts if lay["tokens"] in sizes and lay["source"] in sources]
