@@ -235,8 +235,7 @@ class Trainer:
             ckpt.load_hf_weights(cfg.checkpoint.init_from, self.model)
         # the stream and packer state after the last trained step (the input pipeline's
         # packer runs a step ahead)
-        self.data_state = copy.deepcopy({"stream": self.stream.state_dict(),
-                                         "packer": self.packer.state_dict()})
+        self.data_state = self._snapshot_data_state()
         # Checkpoints past the resume point belong to a run this one does not continue; they
         # are set aside (not deleted) at the first save.
         self.set_aside_after = self.step
@@ -432,10 +431,14 @@ class Trainer:
         data state a checkpoint of that step saves. Runs on the input pipeline's thread."""
         start = time.perf_counter()
         plan = self.packer.pack(self.stream)
-        state = copy.deepcopy({"stream": self.stream.state_dict(),
-                               "packer": self.packer.state_dict()})
+        state = self._snapshot_data_state()
         host = self._host_batches(plan)
         return StepInput(step, plan, state, host, time.perf_counter() - start)
+
+    def _snapshot_data_state(self) -> dict:
+        # a deep copy: the state dicts share lists with the live packer, which moves on
+        return copy.deepcopy({"stream": self.stream.state_dict(),
+                              "packer": self.packer.state_dict()})
 
     def _global_loss(self, loss_sum: torch.Tensor) -> float:
         """The summed loss of the whole global batch: one contribution per data-parallel rank

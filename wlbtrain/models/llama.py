@@ -155,7 +155,7 @@ class Llama(nn.Module):
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in ids})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps) if head else None
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False) if head else None
-        self.compiled_loss = False  # set by apply_compile
+        self.loss_sum = _loss_sum  # or a compiled one (apply_compile)
 
     def whole(self) -> ModelChunk:
         """Everything this module holds, as one chunk."""
@@ -187,14 +187,9 @@ class Llama(nn.Module):
         if labels is None:
             return self.lm_head(h)
         total = torch.zeros((), dtype=torch.float32, device=labels.device)
-        loss_sum = _loss_sum
-        if self.compiled_loss and not isinstance(h, DTensor):
-            # head, fp32 upcast, log-softmax and the gather fused: the [slice, vocab] logits
-            # are written once instead of three times
-            loss_sum = _compiled(_loss_sum)
         for h_part, labels_part in zip(h.split(LOSS_CHUNK), labels.split(LOSS_CHUNK)):
             # Recomputed in the backward, so no slice's logits outlive its own loss.
-            total = total + checkpoint(loss_sum, self.lm_head, h_part, labels_part,
+            total = total + checkpoint(self.loss_sum, self.lm_head, h_part, labels_part,
                                        use_reentrant=False)
         return total
 
@@ -254,7 +249,9 @@ def apply_compile(model: Llama, whole_layers: bool = True) -> None:
             layer.self_attn.rotate = _compiled(apply_rotary)
             layer.mlp.activation = _compiled(swiglu)
     if model.lm_head is not None and whole_layers:
-        model.compiled_loss = True
+        # head, fp32 upcast, log-softmax and the gather fused: the [slice, vocab] logits are
+        # written once instead of three times
+        model.loss_sum = _compiled(_loss_sum)
 
 
 @functools.cache

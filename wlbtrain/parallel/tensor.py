@@ -85,14 +85,15 @@ def apply_tp(model: torch.nn.Module, tp_mesh: DeviceMesh) -> None:
     Apply it on the meta-device model, before FSDP and before ``init_weights``.
     """
     token_shard = Shard(0)
-    tp = tp_mesh.size()
-    kv_style = ReplicatedKV() if replicates_kv(model.cfg, tp) else ColwiseParallel()
+    tp, cfg = tp_mesh.size(), model.cfg
+    kv_style, kv_head = ColwiseParallel(), None
+    if replicates_kv(cfg, tp):
+        # this rank's query heads all read one KV head: keep only that one
+        kv_style = ReplicatedKV()
+        group = cfg.n_heads // cfg.n_kv_heads  # query heads per KV head
+        kv_head = tp_mesh.get_local_rank() * (cfg.n_heads // tp) // group
     for layer in model.layers.values():
-        if replicates_kv(model.cfg, tp):
-            # this rank's query heads all read one KV head: keep only that one
-            heads_per_rank = model.cfg.n_heads // tp
-            group = model.cfg.n_heads // model.cfg.n_kv_heads
-            layer.self_attn.kv_head = tp_mesh.get_local_rank() * heads_per_rank // group
+        layer.self_attn.kv_head = kv_head
         plan = {
             "input_layernorm": SequenceParallel(sequence_dim=0),
             # (x, cos, sin, attention): only x changes layout
