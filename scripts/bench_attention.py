@@ -240,10 +240,13 @@ def measure(name, method, layout, qkv, ref_rows, ref_out, budget_ms):
 
 # Candidate tiles (block_m, block_n, num_warps, num_stages) for --sweep. Tiles that spill
 # registers or overflow shared memory are reported and skipped.
-FORWARD_CANDIDATES = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3)]
+FORWARD_CANDIDATES = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
+                      (128, 128, 8, 2), (128, 64, 4, 3)]
 DKDV_CANDIDATES = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2), (128, 128, 8, 2),
-                   (64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 4, 2)]
-DQ_CANDIDATES = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3)]
+                   (64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 4, 2),
+                   (128, 64, 8, 2), (128, 128, 8, 3)]
+DQ_CANDIDATES = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3),
+                 (128, 128, 8, 2)]
 ATOMIC_DQ_CANDIDATES = [(32, 128, 8, 2)]
 SPLIT_DKDV_CANDIDATES = [(64, 128, 8, 2), (64, 128, 8, 3), (128, 128, 8, 2)]
 

@@ -150,7 +150,8 @@ def test_layout_matches_single_device(tmp_path, tmp_path_factory, store, overrid
     assert loss == pytest.approx(ref_loss, rel=1e-5), description
     assert weights.keys() == ref_weights.keys()
     for name in weights:
-        torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-4, atol=5e-5)
+        torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-4, atol=5e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def worker_with_rank(parent: int, rank: int) -> int:
