@@ -213,3 +213,15 @@ def test_families_at_paper_layouts(family, layout):
     wlb, delay = run_family(family, layout, "wlb", max_token_delay=1.0)
     assert wlb < plain or plain < 1.02  # nothing to gain where plain is already balanced
     assert wlb <= 1.05 and delay <= 1.0
+
+
+def test_fixed_frontier_lists_the_best_sets_within_the_budget():
+    sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
+    import bench_packing
+
+    lengths = FAMILIES["spiky"](3000, seed=1)
+    layout = bench_packing.LAYOUTS["550M-64K"]
+    best = bench_packing.fixed_frontier(lengths, layout, 0.5, steps=6, seed=0, top=4)
+    assert 1 <= len(best) <= 4 and best == sorted(best)
+    assert all(delay <= 0.5 and imb >= 1.0 for imb, delay, _ in best)
+    assert all(0 < t < 1 for _, _, ts in best for t in ts)
