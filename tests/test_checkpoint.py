@@ -25,8 +25,9 @@ from wlbtrain.train import Trainer, build_optimizer
 
 # (save layout, its processes, resume layout, its processes); dp × micro_batches stays 4
 # FSDP -> TP is exact from torch 2.13 only (ckpt.EXACT_TP_RESHARD_TORCH; the run warns before it)
-INEXACT_TP = pytest.mark.xfail(ckpt.torch_version() < ckpt.EXACT_TP_RESHARD_TORCH, strict=True,
-                               reason="torch < 2.13 doubles the first resumed norm gradients")
+# (not strict: only 2.11 and 2.13 were seen; a version between may be exact)
+INEXACT_TP = pytest.mark.xfail(ckpt.torch_version() < ckpt.EXACT_TP_RESHARD_TORCH, strict=False,
+                               reason="torch 2.11 doubles the first resumed norm gradients")
 RESHARD = [
     (["parallel.dp=2", "train.micro_batches=2"], 2, ["train.micro_batches=4"], 1),
     (["train.micro_batches=4"], 1, ["parallel.dp=2", "train.micro_batches=2"], 2),

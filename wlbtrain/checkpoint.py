@@ -302,8 +302,8 @@ def resume_point(cfg, global_micro_batches: int) -> Path | None:
 
 # Resuming under tensor parallelism a checkpoint written with another TP degree: on torch 2.11
 # the first resumed step's sequence-parallel norm-weight gradients came out about twice the
-# uninterrupted run's (losses equal, other weights equal; measured on the GPU image,
-# BENCHMARKS.md "Known issues"); torch 2.13 resumes exactly (tests/test_checkpoint.py).
+# uninterrupted run's (losses equal, other weights equal; measured on the GPU image, BENCHMARKS.md
+# "The test suite on the GPU image"); torch 2.13 resumes exactly (tests/test_checkpoint.py).
 EXACT_TP_RESHARD_TORCH = (2, 13)
 
 
