@@ -171,7 +171,8 @@ def fixed_frontier(lengths, layout, max_delay, steps, seed, top=3) -> list[tuple
 def frontier_table(doclens, cells, steps, seed, n_docs=20000) -> str:
     """For each (layout, lengths, delay budget): what auto reaches and the fixed-set oracle."""
     rows = ["| layout | lengths | delay budget | auto: imbalance / delay | best fixed sets within "
-            "the budget: imbalance / delay (thresholds ÷ context) |", "| --- | --- | --- | --- | --- |"]
+            "the budget: imbalance / delay (thresholds ÷ context) |",
+            "| --- | --- | --- | --- | --- |"]
     for lname, name, budget in cells:
         layout = LAYOUTS[lname]
         lengths = (load(os.path.join(doclens, FILES[name])) if name in FILES

@@ -14,7 +14,9 @@ from wlbtrain.data.families import FAMILIES
 from wlbtrain.data.packing import make_packer, max_piece_for
 from wlbtrain.data.stream import DocumentStream
 from wlbtrain.data import tuning
-from wlbtrain.data.tuning import ThresholdSearch, ThresholdTuner, estimate, tune
+from wlbtrain.data.replay import REPLAY_WARM_UP, Replay
+from wlbtrain.data.tuning import (ThresholdSearch, ThresholdTuner, as_records, estimate,
+                                  pool_shorts, tune)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_packing import RecordingStream, assert_same_tokens  # noqa: E402
@@ -225,3 +227,63 @@ def test_fixed_frontier_lists_the_best_sets_within_the_budget():
     assert 1 <= len(best) <= 4 and best == sorted(best)
     assert all(delay <= 0.5 and imb >= 1.0 for imb, delay, _ in best)
     assert all(0 < t < 1 for _, _, ts in best for t in ts)
+
+
+# ------------------------------------------------------------------ replaying the packer's greedy
+
+def greedy_run(lengths, thresholds, steps=10 ** 6):
+    packer = make_packer("wlb", context=CONTEXT, n_micro_batches=4, cost_model=COST,
+                         refine=False, outlier_thresholds=thresholds)
+    stream, imb, delays, weights = DocumentStream(lengths, 0, CONTEXT, loop=False), [], [], []
+    while (plan := packer.pack(stream)) is not None and len(imb) < steps:
+        imb.append(imbalance([COST.micro_batch_cost(p[2] for p in mb) for mb in plan]))
+        delays += [d for mb in packer.last_delays for d in mb]
+        weights += [p[2] for mb in plan for p in mb]
+    return imb, np.average(delays, weights=weights)
+
+
+@pytest.mark.parametrize("thresholds", [[], [2048], [1024, 2048, 3072]])
+def test_the_replay_tracks_the_greedy(thresholds):
+    """Piece by piece the replay is the packer's greedy: balance and delay as the packer's."""
+    lengths = long_tail(seed=4)
+    replay = Replay(thresholds)
+    replay.advance(as_records(pieces(lengths)), 10 ** 6, 4, CONTEXT, 4 * CONTEXT, COST)
+    imb, delay = greedy_run(lengths, thresholds)
+    assert replay.done
+    assert abs(replay.imbalance() - np.mean(imb[REPLAY_WARM_UP:-1])) < 0.01
+    assert abs(replay.delay() - delay) < 0.05
+
+
+def test_a_replay_of_pooled_short_pieces_stays_close():
+    """Pools of short pieces replay as water: close to the piece-by-piece replay."""
+    window = pieces(long_tail(seed=5))
+    whole, pooled = Replay([1024, 2048]), Replay([1024, 2048])
+    whole.advance(as_records(window), 10 ** 6, 4, CONTEXT, 4 * CONTEXT, COST)
+    pooled.advance(pool_shorts(window, CONTEXT), 10 ** 6, 4, CONTEXT, 4 * CONTEXT, COST)
+    assert abs(whole.imbalance() - pooled.imbalance()) < 0.02
+    assert abs(whole.delay() - pooled.delay()) < 0.05
+
+
+def test_a_replay_resumes_from_its_state():
+    records = pool_shorts(pieces(long_tail(seed=6)), CONTEXT)
+    once, chunked = Replay([1024, 3072]), Replay([1024, 3072])
+    once.advance(records, 10 ** 6, 4, CONTEXT, 4 * CONTEXT, COST, 16, CONTEXT)
+    while not chunked.done:
+        chunked = Replay.from_state(json.loads(json.dumps(chunked.state_dict())))
+        chunked.advance(records, 3, 4, CONTEXT, 4 * CONTEXT, COST, 16, CONTEXT)
+    assert chunked.imbalances == once.imbalances and chunked.delay() == once.delay()
+
+
+def test_a_search_that_replays_resumes_mid_replay():
+    window = pool_shorts(pieces(long_tail(n=6000, seed=7)), CONTEXT)
+    args = (4, CONTEXT, 4 * CONTEXT, COST, 0.6)
+    whole = ThresholdSearch.start(window, CONTEXT, [1024], replay=(16, CONTEXT, 0.08))
+    whole.advance(10 ** 9, *args)
+    search = ThresholdSearch.start(window, CONTEXT, [1024], replay=(16, CONTEXT, 0.08))
+    replaying = 0
+    while not search.done:
+        search = ThresholdSearch.from_state(json.loads(json.dumps(search.state_dict())))
+        search.advance(3, *args, replay_steps=2)
+        replaying += search.verify is not None
+    assert whole.done and replaying > 5
+    assert search.best == whole.best and search.best_score == pytest.approx(whole.best_score)

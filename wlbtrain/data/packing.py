@@ -429,7 +429,8 @@ class WlbPacker(Packer):
         if thresholds is None or thresholds == AUTO:
             delay = DEFAULT_MAX_TOKEN_DELAY if max_token_delay is None else max_token_delay
             self.tuner = ThresholdTuner(max_piece, self.units, self.unit_tokens, self.budget,
-                                        cost_model, delay, refine=refine)
+                                        cost_model, delay, refine=refine,
+                                        refine_moves=refine_moves, max_carry=self.max_carry)
             thresholds = default_outlier_thresholds(max_piece)
         elif isinstance(thresholds, str):
             raise ValueError(f"outlier thresholds {thresholds!r}: expected {AUTO!r} or a list of "

@@ -23,10 +23,16 @@ The estimate replays the window in stream order, as the packer sees it, without 
   when the window ends: the band's mean wait at its observed rate), token-weighted as ``plan``
   reports it.
 
-It ignores what the greedy and refine do within a step (threshold-independent), so it ranks
-threshold sets rather than predicting the exact numbers; tests/test_tuning.py holds it to the
-packer's numbers within 0.05 of imbalance and 0.1 steps of delay on a long tail.
-Everything is a pure function of the observed lengths, so a resumed run tunes identically.
+It ignores what the greedy and refine do within a step and the carry-over across steps, so it
+ranks threshold sets rather than predicting the exact numbers; tests/test_tuning.py holds it to
+the packer's numbers within 0.05 of imbalance and 0.1 steps of delay on a long tail. It costs
+about a millisecond, so the search's forward selection runs on it; the VERIFY_CANDIDATES sets it
+scores best are then replayed (replay.py: the packer's greedy, step by step, with the carry-over
+and refine's hold-back, ~0.1-0.3 ms a step) on the window's last REPLAY_STEPS steps, and the
+replayed imbalance and delay decide among them. That catches what the estimate cannot see, such
+as steps of carried remainders behind groups that fill whole steps (documents much longer than
+the context). Everything is a pure function of the observed lengths, so a resumed run tunes
+identically.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from typing import Optional
 import numpy as np
 
 from wlbtrain.data.cost import CostModel
+from wlbtrain.data.replay import Replay
 
 # The short pieces beside a long one are the shortest the greedy has: count them at this share
 # of the short pool's attention per token (0: free, 1: average) in a micro-batch's cost floor.
@@ -75,7 +82,20 @@ ESTIMATE_OVERHEAD_RECORDS = 1000
 EVAL_RECORDS_PER_STEP = 2 * (TUNE_WINDOW + ESTIMATE_OVERHEAD_RECORDS)
 # New thresholds must beat the current ones by this much on the same window: moving queues
 # churns their groups, and estimates from neighbouring windows differ by noise.
-RETUNE_MIN_GAIN = 0.003
+RETUNE_MIN_GAIN = 0.01
+# The threshold sets the estimate scores best that a replay of the packer re-ranks (replay.py),
+# with the current ones: the estimate misses whole kinds of steps (see replay.py), and the
+# replay tracks the packer within ~0.01 of imbalance but costs ~0.3-1 ms a step.
+VERIFY_CANDIDATES = 6
+# Steps of the window's most recent records each replay runs (the same ones for every set).
+REPLAY_STEPS = 96
+# A window of fewer steps is not replayed (the first search, soon after the start).
+MIN_REPLAY_STEPS = 24
+# Replay steps a planning step may spend while a search verifies (a few ms at most).
+REPLAY_STEPS_PER_PLAN = 16
+# The replay's delay runs within ~0.03 steps of the packer's (it leaves out the wait of short
+# pieces refine holds back); it is held to the budget less this.
+REPLAY_DELAY_MARGIN = 0.02
 
 
 def pool_shorts(lengths, max_piece: int) -> np.ndarray:
@@ -228,16 +248,22 @@ def _step_imbalance(lengths, squares, pooled, band, step, inside, n_steps, units
 def tune(lengths, max_piece: int, units: int, unit_tokens: int, budget: int,
          cost_model: CostModel, max_token_delay: float) -> tuple[list[int], float]:
     """Thresholds that minimise the estimated imbalance (plus DELAY_WEIGHT × delay, plus
-    OVER_BUDGET_WEIGHT × the delay beyond ``max_token_delay``), all at once (``ThresholdSearch`` spreads the same
-    search over steps). Returns (thresholds, score)."""
+    OVER_BUDGET_WEIGHT × the delay beyond ``max_token_delay``), all at once and without replays
+    (``ThresholdSearch`` spreads the same search over steps). Returns (thresholds, score)."""
     search = ThresholdSearch.start(lengths, max_piece, [])
     while not search.done:
         search.advance(10 ** 9, units, unit_tokens, budget, cost_model, max_token_delay)
     return search.best, search.best_score
 
 
-def _score(lengths, ts, units, unit_tokens, budget, cost_model, max_token_delay) -> float:
+def _score(lengths, ts, units, unit_tokens, budget, cost_model, max_token_delay
+           ) -> tuple[float, float]:
+    """(score, estimated delay) of threshold set ``ts``."""
     imb, delay = estimate(lengths, ts, units, unit_tokens, budget, cost_model)
+    return _penalised(imb, delay, ts, max_token_delay), delay
+
+
+def _penalised(imb: float, delay: float, ts, max_token_delay: float) -> float:
     # no queue is always allowed: the carry-over's own delay is not the queues' to save
     over = 0.0 if not ts else max(0.0, delay - max_token_delay)
     return imb + DELAY_WEIGHT * delay + OVER_BUDGET_WEIGHT * over
@@ -247,32 +273,43 @@ class ThresholdSearch:
     """Forward selection on CANDIDATE_FRACTIONS of the longest piece (add the threshold that
     helps most, up to MAX_QUEUES), then each threshold nudged to its grid neighbours; on a
     snapshot of the window, a bounded number of estimates per ``advance`` so that no step pays
-    for a whole search. Its fields are plain lists and numbers: it is saved with the packer."""
+    for a whole search. With ``replay`` set, the VERIFY_CANDIDATES best-scored sets and the
+    current ones are then replayed (replay.py) on the window's last REPLAY_STEPS steps, a
+    bounded number of replay steps per ``advance``, and the replayed imbalance decides. Its
+    fields are plain lists and numbers: it is saved with the packer."""
 
     def __init__(self, lengths, grid, current, stage, best, best_score, todo, stage_best,
-                 stage_score, current_score):
+                 stage_score, current_score, replay=None, seen=None, verify=None):
         self.lengths, self.grid, self.current = lengths, grid, current
         self.stage, self.best, self.best_score = stage, best, best_score
         self.todo, self.stage_best, self.stage_score = todo, stage_best, stage_score
         self.current_score = current_score
+        # refine's (moves, max_carry) and the delay margin the estimate is held to (see
+        # ThresholdTuner.queue_delay) for the replays, or None to trust the estimate alone
+        self.replay = replay
+        self.seen = seen if seen is not None else []  # [thresholds, score, delay] estimated
+        self.verify = verify  # while verifying: {"window_from", "queue", "results"}
 
     @classmethod
-    def start(cls, lengths, max_piece: int, current: list[int]) -> "ThresholdSearch":
+    def start(cls, lengths, max_piece: int, current: list[int],
+              replay: Optional[tuple[int, int, float]] = None) -> "ThresholdSearch":
         grid = sorted({max(1, int(max_piece * f)) for f in CANDIDATE_FRACTIONS})
         # stage 0 scores "no queue" and the current thresholds; then forward rounds 1..MAX_QUEUES
         return cls(as_records(lengths), grid, list(current), 0, [], np.inf,
-                   [[], list(current)], [], np.inf, np.inf)
+                   [[], list(current)], [], np.inf, np.inf, replay=replay)
 
     @property
     def done(self) -> bool:
         return self.stage < 0
 
-    def advance(self, evals: int, units, unit_tokens, budget, cost_model, max_token_delay) -> None:
-        while evals > 0 and not self.done:
+    def advance(self, evals: int, units, unit_tokens, budget, cost_model, max_token_delay,
+                replay_steps: int = 10 ** 9) -> None:
+        while evals > 0 and not self.done and self.stage != _VERIFY:
             if self.todo:
                 ts = self.todo.pop(0)
-                score = _score(self.lengths, ts, units, unit_tokens, budget, cost_model,
-                               max_token_delay)
+                score, delay = _score(self.lengths, ts, units, unit_tokens, budget, cost_model,
+                                      max_token_delay)
+                self.seen.append([ts, score, delay])
                 evals -= 1
                 if ts == self.current:
                     self.current_score = score
@@ -281,9 +318,11 @@ class ThresholdSearch:
                 if score < self.stage_score:
                     self.stage_best, self.stage_score = ts, score
                 continue
-            self._next_stage()
+            self._next_stage(budget)
+        if self.stage == _VERIFY:
+            self._replay(replay_steps, units, unit_tokens, budget, cost_model, max_token_delay)
 
-    def _next_stage(self) -> None:
+    def _next_stage(self, budget) -> None:
         improved = self.stage_score < self.best_score
         if improved:
             self.best, self.best_score = self.stage_best, self.stage_score
@@ -295,11 +334,65 @@ class ThresholdSearch:
                 self.stage_best, self.stage_score = self.best, self.best_score
                 if self.todo:
                     return
+            if self.replay is not None:
+                self._start_verify(budget)
+                return
             self.stage = -1
             return
         self.stage += 1
         self.todo = [sorted(self.best + [t]) for t in self.grid if t not in self.best]
         self.stage_best, self.stage_score = self.best, self.best_score
+
+    def _start_verify(self, budget) -> None:
+        if self.lengths[:, 0].sum() < MIN_REPLAY_STEPS * budget:
+            self.stage = -1  # too few steps to replay: they would rank noise
+            return
+        best_first = sorted(self.seen, key=lambda row: row[1])
+        queue = []
+        for ts, _, _ in best_first:
+            if ts not in queue and len(queue) < VERIFY_CANDIDATES:
+                queue.append(ts)
+        if self.current not in queue and any(ts == self.current for ts, _, _ in self.seen):
+            queue.append(self.current)
+        # the same most recent steps for every set, so that they are compared on equal terms
+        tokens = np.cumsum(self.lengths[::-1, 0])
+        back = int(np.searchsorted(tokens, REPLAY_STEPS * budget))
+        window_from = max(0, len(self.lengths) - back - 1)
+        self.stage = _VERIFY
+        self.verify = {"window_from": window_from, "queue": queue, "results": [],
+                       "replay": Replay(queue[0]).state_dict()}
+
+    def _replay(self, steps, units, unit_tokens, budget, cost_model, max_token_delay) -> None:
+        moves, max_carry, margin = self.replay
+        window = self.lengths[self.verify["window_from"]:]
+        delays = {tuple(ts): delay for ts, _, delay in self.seen}
+        while steps > 0:
+            replay = Replay.from_state(self.verify["replay"])
+            before = len(replay.imbalances)
+            replay.advance(window, steps, units, unit_tokens, budget, cost_model, moves,
+                           max_carry)
+            steps -= max(1, len(replay.imbalances) - before)
+            if not replay.done:
+                self.verify["replay"] = replay.state_dict()
+                return
+            ts = replay.thresholds
+            # the estimate's delay counts pieces still queued, the replay's the carry-over and
+            # holds; the estimate is held to the budget less its margin, the replay to all of it
+            delay = max(delays[tuple(ts)], replay.delay() + REPLAY_DELAY_MARGIN - margin)
+            score = _penalised(replay.imbalance(), delay, ts, max_token_delay)
+            self.verify["results"].append([ts, score])
+            done = len(self.verify["results"])
+            if done == len(self.verify["queue"]):
+                self._finish_verify()
+                return
+            self.verify["replay"] = Replay(self.verify["queue"][done]).state_dict()
+
+    def _finish_verify(self) -> None:
+        results = self.verify["results"]
+        best, score = min(results, key=lambda row: row[1])
+        self.best, self.best_score = list(best), score
+        self.current_score = next((s for ts, s in results if ts == self.current), np.inf)
+        self.stage, self.verify = -1, None
 
     def _nudges(self) -> list[list[int]]:
         out = []
@@ -316,19 +409,38 @@ class ThresholdSearch:
         return {"lengths": self.lengths.tolist(), "grid": self.grid, "current": self.current,
                 "stage": self.stage, "best": self.best, "best_score": num(self.best_score),
                 "todo": self.todo, "stage_best": self.stage_best,
-                "stage_score": num(self.stage_score), "current_score": num(self.current_score)}
+                "stage_score": num(self.stage_score), "current_score": num(self.current_score),
+                "replay": None if self.replay is None else list(self.replay),
+                "seen": [[ts, num(score), float(delay)] for ts, score, delay in self.seen],
+                "verify": self.verify}
 
     @classmethod
     def from_state(cls, state: dict) -> "ThresholdSearch":
         def num(x):
             return np.inf if x is None else float(x)
         ints = lambda xs: [int(v) for v in xs]  # noqa: E731
+        replay = state.get("replay")
+        verify = state.get("verify")
+        if verify is not None:
+            verify = {"window_from": int(verify["window_from"]),
+                      "queue": [ints(ts) for ts in verify["queue"]],
+                      "results": [[ints(ts), float(s)] for ts, s in verify["results"]],
+                      "replay": Replay.from_state(verify["replay"]).state_dict()}
         return cls(as_records(np.asarray(state["lengths"], dtype=np.int64).reshape(-1, 3)),
                    ints(state["grid"]),
                    ints(state["current"]), int(state["stage"]), ints(state["best"]),
                    num(state["best_score"]), [ints(t) for t in state["todo"]],
                    ints(state["stage_best"]), num(state["stage_score"]),
-                   num(state["current_score"]))
+                   num(state["current_score"]),
+                   replay=None if replay is None else (int(replay[0]), int(replay[1]),
+                                                       float(replay[2])),
+                   seen=[[ints(ts), num(score), float(delay)]
+                         for ts, score, delay in state.get("seen", [])],
+                   verify=verify)
+
+
+# The stage of a search replaying its best-scored threshold sets (after the nudging pass).
+_VERIFY = MAX_QUEUES + 2
 
 
 def _neighbours(grid: list[int], t: int) -> list[int]:
@@ -340,16 +452,17 @@ class ThresholdTuner:
     """The window of observed piece lengths, and a search in progress; the packer owns the
     queues. Every RETUNE_EVERY steps (first once the window spans MIN_WINDOW_STEPS) a search
     starts on a snapshot of the window and runs a bounded number of estimates a step
-    (EVAL_RECORDS_PER_STEP); when it ends, its best thresholds replace the current ones if
-    clearly better on that snapshot.
+    (EVAL_RECORDS_PER_STEP), then of replay steps (REPLAY_STEPS_PER_PLAN); when it ends, its
+    best thresholds replace the current ones if clearly better on that snapshot.
 
     units, unit_tokens, budget: as the packer's (see ``estimate``); max_piece: the longest piece
-    the stream emits (the grid scales with it).
+    the stream emits (the grid scales with it); refine_moves, max_carry: the packer's refine
+    (moves a step, tokens it may hold back), which the replays imitate.
     """
 
     def __init__(self, max_piece: int, units: int, unit_tokens: int, budget: int,
                  cost_model: CostModel, max_token_delay: float, refine: bool = False,
-                 window: int = TUNE_WINDOW):
+                 window: int = TUNE_WINDOW, refine_moves: int = 0, max_carry: int = 0):
         if not (max_token_delay >= 0):
             raise ValueError(f"max_token_delay must be >= 0 steps, got {max_token_delay}")
         self.max_piece, self.units, self.unit_tokens = max_piece, units, unit_tokens
@@ -358,6 +471,8 @@ class ThresholdTuner:
         # what the queues may spend: the budget less the delay they do not cause
         self.queue_delay = max(0.0, self.max_token_delay - CARRY_DELAY
                                - (REFINE_HOLD_DELAY if refine else 0.0))
+        margin = self.max_token_delay - self.queue_delay
+        self.replay = (refine_moves, max_carry, margin) if refine else (0, 0, margin)
         self.window: deque[tuple[int, int, int]] = deque(maxlen=window)  # pool_shorts records
         self._pooler = _Pooler(short_below(max_piece), max_piece, self.window)
         self.search: Optional[ThresholdSearch] = None
@@ -379,13 +494,13 @@ class ThresholdTuner:
         if self.search is None and self.due(step) and self.window:
             self.searches += 1
             snapshot = np.array(self.window, dtype=np.int64).reshape(-1, 3)
-            self.search = ThresholdSearch.start(snapshot, self.max_piece, current)
+            self.search = ThresholdSearch.start(snapshot, self.max_piece, current, self.replay)
         if self.search is None:
             return None
         size = len(self.search.lengths) + ESTIMATE_OVERHEAD_RECORDS
         evals = max(1, EVAL_RECORDS_PER_STEP // size)
         self.search.advance(evals, self.units, self.unit_tokens, self.budget,
-                            self.cost_model, self.queue_delay)
+                            self.cost_model, self.queue_delay, REPLAY_STEPS_PER_PLAN)
         if not self.search.done:
             return None
         search, self.search = self.search, None

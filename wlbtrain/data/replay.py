@@ -1,0 +1,238 @@
+"""The wlb packer replayed on a tuning window, to re-rank the thresholds the estimate likes best.
+
+The tuner's closed-form estimate (tuning.py) counts every step as holding its token budget with
+the unqueued pieces beside the released groups. Where groups fill whole steps (documents much
+longer than the context: full-context pieces and their remainders) the remainders are carried
+step after step until a step of remainders alone trains a fraction of its budget, badly
+balanced; and where refine holds short pieces back, a micro-batch beside a long piece stays
+under its cap. Neither is in the estimate. The replay runs the packer's own greedy over the
+window's records, step by step, with the carry-over:
+
+- released groups one piece per micro-batch first, a piece that does not fit back to its queue;
+- then the carried pieces, then fresh ones longest first, onto the cheapest micro-batch with
+  room, else the one with fewest tokens, else carried;
+- pooled short pieces (``tuning.pool_shorts``) poured like water onto the cheapest micro-batches
+  with room; what finds no room is carried;
+- with refine, short pieces held back from the heaviest micro-batches, at most one piece of the
+  short pieces' typical length a move (and the carry-over limit) a step, to the level that
+  minimises the step's imbalance.
+
+A replay advances a bounded number of steps at a time and its state is plain lists and numbers,
+so a search spreads it over planning steps and is saved with the packer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from wlbtrain.data.cost import CostModel
+
+# Steps at the replay's start whose queues are still filling; left out of its imbalance.
+REPLAY_WARM_UP = 2
+# Water levels refine's hold-back is tried at, between the step's mean and its maximum.
+SHED_LEVELS = 12
+
+
+class Replay:
+    """One threshold set replayed from the start of a records window (see module doc)."""
+
+    def __init__(self, thresholds: list[int], position: int = 0, queues=None, carry=None,
+                 water=(0.0, 0.0), imbalances=None, step: int = 0, waited=(0.0, 0.0),
+                 split=None):
+        self.thresholds = sorted(int(t) for t in thresholds)
+        self.position = position  # next record of the window to pull
+        # pieces as [length, step pulled]: queued, and carried to the next step
+        self.queues = queues if queues is not None else [[] for _ in self.thresholds]
+        self.carry = carry if carry is not None else []
+        self.water = list(water)  # carried pooled tokens and their Σ d²
+        self.imbalances = imbalances if imbalances is not None else []
+        self.step = step
+        self.waited = list(waited)  # Σ tokens × steps waited, tokens trained
+        # what is left of a pool of short pieces a step took only part of: [tokens, Σ d²]
+        self.split = split
+        self.done = False
+
+    def imbalance(self) -> float:
+        body = self.imbalances[REPLAY_WARM_UP:] or self.imbalances
+        return float(np.mean(body)) if body else 1.0
+
+    def delay(self) -> float:
+        """Token-weighted steps between pull and training; pieces still queued or carried at
+        the end count with what they have waited so far (a rare band's group that has not
+        filled would otherwise not count at all)."""
+        waiting = [p for q in self.queues for p in q] + self.carry
+        waited = self.waited[0] + sum(length * (self.step - pulled) for length, pulled in waiting)
+        tokens = self.waited[1] + sum(length for length, _ in waiting)
+        return waited / tokens if tokens else 0.0
+
+    def advance(self, records: np.ndarray, steps: int, units: int, cap: int, budget: int,
+                cost_model: CostModel, shed_moves: int = 0, max_carry: int = 0) -> None:
+        """Replay up to ``steps`` more steps of ``records`` ([R, 3] from pool_shorts).
+        shed_moves, max_carry: refine's moves and carry-over limit (0: no refine)."""
+        for _ in range(steps):
+            if self.done:
+                return
+            self._step(records, units, cap, budget, cost_model, shed_moves, max_carry)
+
+    def _step(self, records, units, cap, budget, cm, shed_moves, max_carry) -> None:
+        groups, pool, water = self._gather(records, units, budget)
+        if groups is None:
+            self.done = True  # the window's last, partial step
+            return
+        a, b = cm.attn_coef, cm.linear_coef
+        cost, tokens = [0.0] * units, [0] * units
+        waited, trained = 0.0, 0.0
+        for group in sorted(groups, key=lambda g: -max(p[0] for p in g)):
+            order = sorted(range(units), key=lambda k: cost[k])
+            for k, piece in zip(order, sorted(group, reverse=True)):
+                length = piece[0]
+                if tokens[k] + length > cap:
+                    self.queues[self._band(length) - 1].insert(0, piece)
+                    continue
+                cost[k] += a * length * length + b * length
+                tokens[k] += length
+                waited, trained = waited + length * (self.step - piece[1]), trained + length
+        left = []
+        for piece in pool:  # carried first (in pool order), then fresh longest first
+            length = piece[0]
+            k = cost.index(min(cost))
+            if tokens[k] + length > cap:
+                k = tokens.index(min(tokens))
+                if tokens[k] + length > cap:
+                    left.append(piece)
+                    continue
+            cost[k] += a * length * length + b * length
+            tokens[k] += length
+            waited, trained = waited + length * (self.step - piece[1]), trained + length
+        self.carry = left
+        costs, room = cost, [cap - t for t in tokens]
+        water_tokens, water_squares = water
+        if water_tokens > 0:
+            typical = water_squares / water_tokens  # Σd² / Σd: the short pieces' length
+            rate = a * typical + b
+            poured = _pour(costs, room, min(water_tokens, sum(room)), rate)
+            rest = water_tokens - sum(poured)
+            self.water = [rest, rest * typical]
+            # carried short pieces wait one more step (their own ages are not kept)
+            waited, trained = waited + rest, trained + sum(poured)
+            base, costs = costs, [c + x * rate for c, x in zip(costs, poured)]
+            if shed_moves and max_carry:
+                # refine holds back one short piece a move (or one from each of several);
+                # what it holds waits for the next step
+                shed = _shed(costs, base, rate, min(max_carry, shed_moves * typical))
+                held = (sum(costs) - sum(shed)) / rate
+                costs = shed
+                self.water = [self.water[0] + held, self.water[1] + held * typical]
+                waited, trained = waited + held, trained - held
+        else:
+            self.water = [0.0, 0.0]
+        if sum(costs) > 0:
+            self.imbalances.append(max(costs) * units / sum(costs))
+        if self.step >= REPLAY_WARM_UP:
+            self.waited = [self.waited[0] + waited, self.waited[1] + trained]
+        self.step += 1
+
+    def _gather(self, records, units, budget):
+        """As the packer's _gather: full queues first, then fresh records up to the budget."""
+        pool = list(self.carry)
+        water_tokens, water_squares = self.water
+        tokens = sum(p[0] for p in pool) + water_tokens
+        groups = []
+        for queue in self.queues:
+            while len(queue) >= units and tokens < budget:
+                groups.append(queue[:units])
+                del queue[:units]
+                tokens += sum(p[0] for p in groups[-1])
+        fresh = []
+        while tokens < budget:
+            if self.position >= len(records):
+                return None, None, None
+            length, square, pooled = (int(v) for v in records[self.position])
+            if pooled:
+                # short pieces are pulled one at a time: take what the step still needs
+                if self.split is not None:
+                    length, square = self.split
+                need = budget - tokens
+                if length > need:
+                    part = need * square / length
+                    self.split = [length - need, square - part]
+                    length, square = need, part
+                    self.position -= 1  # the rest of this pool comes next
+                else:
+                    self.split = None
+            self.position += 1
+            band = 0 if pooled else self._band(length)
+            if band == 0:  # a queued piece counts when its group is released
+                tokens += length
+            if pooled:
+                water_tokens += length
+                water_squares += square
+            elif band == 0:
+                fresh.append([length, self.step])
+            else:
+                queue = self.queues[band - 1]
+                queue.append([length, self.step])
+                if len(queue) >= units:
+                    groups.append(queue[:units])
+                    del queue[:units]
+                    tokens += sum(p[0] for p in groups[-1])
+        return groups, pool + sorted(fresh, reverse=True), (water_tokens, water_squares)
+
+    def _band(self, length: int) -> int:
+        return int(np.searchsorted(self.thresholds, length, side="right"))
+
+    def state_dict(self) -> dict:
+        return {"thresholds": self.thresholds, "position": self.position, "queues": self.queues,
+                "carry": self.carry, "water": self.water, "imbalances": self.imbalances,
+                "step": self.step, "waited": self.waited, "split": self.split,
+                "done": self.done}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Replay":
+        pieces = lambda ps: [[int(length), int(pulled)] for length, pulled in ps]  # noqa: E731
+        replay = cls([int(t) for t in state["thresholds"]], int(state["position"]),
+                     [pieces(q) for q in state["queues"]], pieces(state["carry"]),
+                     [float(v) for v in state["water"]],
+                     [float(v) for v in state["imbalances"]], int(state["step"]),
+                     [float(v) for v in state["waited"]],
+                     None if state["split"] is None else [float(v) for v in state["split"]])
+        replay.done = bool(state["done"])
+        return replay
+
+
+def _pour(costs: list[float], room: list[float], tokens: float, rate: float) -> list[float]:
+    """Tokens each micro-batch takes when ``tokens`` at ``rate`` cost each fill the cheapest
+    first (water-filling to one level), within each one's room. Exact: the filled volume is
+    piecewise linear in the level, with breaks where a micro-batch starts or stops taking."""
+    if tokens <= 0 or rate <= 0:
+        return [0.0] * len(costs)
+
+    def taken(level):
+        return [min(max((level - c) / rate, 0.0), r) for c, r in zip(costs, room)]
+
+    low = min(costs)
+    for high in sorted(set(costs) | {c + r * rate for c, r in zip(costs, room)}):
+        volume = sum(taken(high))
+        if volume >= tokens:
+            below = sum(taken(low))
+            level = low + (tokens - below) * (high - low) / max(volume - below, 1e-300)
+            return taken(level)
+        low = high
+    return taken(low)
+
+
+def _shed(costs: list[float], base: list[float], rate: float, limit: float) -> list[float]:
+    """The costs after holding back short pieces (water above ``base``) from the heaviest
+    micro-batches down to the level, among SHED_LEVELS, that minimises max / mean, within
+    ``limit`` tokens."""
+    mean, top = sum(costs) / len(costs), max(costs)
+    best, out = top / mean, costs
+    for i in range(SHED_LEVELS - 1):
+        level = mean + (top - mean) * i / (SHED_LEVELS - 1)
+        lowered = [max(b, min(c, level)) for c, b in zip(costs, base)]
+        if (sum(costs) - sum(lowered)) / rate > limit:
+            continue
+        ratio = max(lowered) * len(lowered) / sum(lowered)
+        if ratio < best:
+            best, out = ratio, lowered
+    return out
