@@ -64,7 +64,7 @@ class DataConfig:
     cache_dir: Optional[str] = None  # where `stdlib` is prepared; default ~/.cache/wlbtrain
     # wlb delay-queue thresholds: `auto` (tuned online under max_token_delay) or token counts
     outlier_thresholds: Union[Literal["auto"], list[int], None] = "auto"
-    # wlb with auto thresholds: average token delay (steps) the queues may cost; default 0.5
+    # wlb with auto thresholds: average token delay (steps) the queues may cost; default 1
     max_token_delay: Optional[float] = None
     fixed_window: int = 1  # global batches the fixed packer balances over
     refine: bool = True  # wlb: local search after the greedy

@@ -49,9 +49,10 @@ from wlbtrain.data.replay import Replay
 # of the short pool's attention per token (0: free, 1: average) in a micro-batch's cost floor.
 FILL_SHARE = 0.5
 # Average token delay (steps) the tuner may spend when data.max_token_delay is not set; see
-# BENCHMARKS.md "Tuned outlier queues": at 0.5 (the paper's delay) every family but the
-# short-heavy ones meets 1.05, and at 1.0 they do too at twice the delay.
-DEFAULT_MAX_TOKEN_DELAY = 0.5
+# BENCHMARKS.md "Auto outlier queues": at 1 step every generated family but bimodal at 64K
+# meets 1.05 and wlb beats plain on all of them; at 0.5 (the paper's delay) documents much
+# longer than the context (all-long at 7B) and bimodal at 64K end worse than plain packing.
+DEFAULT_MAX_TOKEN_DELAY = 1.0
 # Records remembered (pieces long enough to queue, and pools of short ones; see pool_shorts):
 # hundreds of steps of most corpora, and an estimate still takes about a millisecond.
 TUNE_WINDOW = 4096
@@ -92,7 +93,7 @@ REPLAY_STEPS = 96
 # A window of fewer steps is not replayed (the first search, soon after the start).
 MIN_REPLAY_STEPS = 24
 # Replay steps a planning step may spend while a search verifies (a few ms at most).
-REPLAY_STEPS_PER_PLAN = 16
+REPLAY_STEPS_PER_PLAN = 8
 # The replay's delay runs within ~0.03 steps of the packer's (it leaves out the wait of short
 # pieces refine holds back); it is held to the budget less this.
 REPLAY_DELAY_MARGIN = 0.02
