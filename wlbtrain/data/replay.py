@@ -79,58 +79,39 @@ class Replay:
         if groups is None:
             self.done = True  # the window's last, partial step
             return
-        a, b = cm.attn_coef, cm.linear_coef
-        cost, tokens = [0.0] * units, [0] * units
-        waited, trained = 0.0, 0.0
+        bins = _Bins(units, cap, cm, self.step)
         for group in sorted(groups, key=lambda g: -max(p[0] for p in g)):
-            order = sorted(range(units), key=lambda k: cost[k])
-            for k, piece in zip(order, sorted(group, reverse=True)):
-                length = piece[0]
-                if tokens[k] + length > cap:
-                    self.queues[self._band(length) - 1].insert(0, piece)
-                    continue
-                cost[k] += a * length * length + b * length
-                tokens[k] += length
-                waited, trained = waited + length * (self.step - piece[1]), trained + length
-        left = []
-        for piece in pool:  # carried first (in pool order), then fresh longest first
-            length = piece[0]
-            k = cost.index(min(cost))
-            if tokens[k] + length > cap:
-                k = tokens.index(min(tokens))
-                if tokens[k] + length > cap:
-                    left.append(piece)
-                    continue
-            cost[k] += a * length * length + b * length
-            tokens[k] += length
-            waited, trained = waited + length * (self.step - piece[1]), trained + length
-        self.carry = left
-        costs, room = cost, [cap - t for t in tokens]
-        water_tokens, water_squares = water
-        if water_tokens > 0:
-            typical = water_squares / water_tokens  # Σd² / Σd: the short pieces' length
-            rate = a * typical + b
-            poured = _pour(costs, room, min(water_tokens, sum(room)), rate)
-            rest = water_tokens - sum(poured)
-            self.water = [rest, rest * typical]
-            # carried short pieces wait one more step (their own ages are not kept)
-            waited, trained = waited + rest, trained + sum(poured)
-            base, costs = costs, [c + x * rate for c, x in zip(costs, poured)]
-            if shed_moves and max_carry:
-                # refine holds back one short piece a move (or one from each of several);
-                # what it holds waits for the next step
-                shed = _shed(costs, base, rate, min(max_carry, shed_moves * typical))
-                held = (sum(costs) - sum(shed)) / rate
-                costs = shed
-                self.water = [self.water[0] + held, self.water[1] + held * typical]
-                waited, trained = waited + held, trained - held
-        else:
-            self.water = [0.0, 0.0]
-        if sum(costs) > 0:
-            self.imbalances.append(max(costs) * units / sum(costs))
+            for piece in bins.place_group(group):  # back to the head of its queue
+                self.queues[self._band(piece[0]) - 1].insert(0, piece)
+        self.carry = [piece for piece in pool if not bins.place(piece)]
+        self._pour_water(bins, water, shed_moves, max_carry)
+        if sum(bins.cost) > 0:
+            self.imbalances.append(max(bins.cost) * units / sum(bins.cost))
         if self.step >= REPLAY_WARM_UP:
-            self.waited = [self.waited[0] + waited, self.waited[1] + trained]
+            self.waited = [self.waited[0] + bins.waited, self.waited[1] + bins.trained]
         self.step += 1
+
+    def _pour_water(self, bins: "_Bins", water, shed_moves: int, max_carry: int) -> None:
+        """Pooled short pieces onto the cheapest micro-batches with room; refine's hold-back;
+        what is left or held is carried (and waits a step: the pieces' own ages are not kept)."""
+        water_tokens, water_squares = water
+        if water_tokens <= 0:
+            self.water = [0.0, 0.0]
+            return
+        typical = water_squares / water_tokens  # Σd² / Σd: the short pieces' length
+        rate = bins.a * typical + bins.b
+        room = [bins.cap - t for t in bins.tokens]
+        poured = _pour(bins.cost, room, min(water_tokens, sum(room)), rate)
+        base, bins.cost = bins.cost, [c + x * rate for c, x in zip(bins.cost, poured)]
+        carried = water_tokens - sum(poured)
+        bins.trained += sum(poured)
+        if shed_moves and max_carry:
+            # refine holds back one short piece a move (or one from each of several)
+            shed = _shed(bins.cost, base, rate, min(max_carry, shed_moves * typical))
+            held = (sum(bins.cost) - sum(shed)) / rate
+            bins.cost, carried, bins.trained = shed, carried + held, bins.trained - held
+        self.water = [carried, carried * typical]
+        bins.waited += carried
 
     def _gather(self, records, units, budget):
         """As the packer's _gather: full queues first, then fresh records up to the budget."""
@@ -198,6 +179,46 @@ class Replay:
                      None if state["split"] is None else [float(v) for v in state["split"]])
         replay.done = bool(state["done"])
         return replay
+
+
+class _Bins:
+    """A step's micro-batches as the greedy fills them: cost, tokens, and the wait of what they
+    train (token-weighted steps since each piece was pulled)."""
+
+    def __init__(self, units: int, cap: int, cost_model: CostModel, step: int):
+        self.cap, self.step = cap, step
+        self.a, self.b = cost_model.attn_coef, cost_model.linear_coef
+        self.cost, self.tokens = [0.0] * units, [0] * units
+        self.waited, self.trained = 0.0, 0.0
+
+    def add(self, k: int, piece) -> None:
+        length = piece[0]
+        self.cost[k] += self.a * length * length + self.b * length
+        self.tokens[k] += length
+        self.waited += length * (self.step - piece[1])
+        self.trained += length
+
+    def place_group(self, group) -> list:
+        """One piece per micro-batch, the longest onto the cheapest; returns what did not fit."""
+        order = sorted(range(len(self.cost)), key=lambda k: self.cost[k])
+        returned = []
+        for k, piece in zip(order, sorted(group, reverse=True)):
+            if self.tokens[k] + piece[0] > self.cap:
+                returned.append(piece)
+            else:
+                self.add(k, piece)
+        return returned
+
+    def place(self, piece) -> bool:
+        """The greedy's rule: the cheapest micro-batch if it has room, else the one with fewest
+        tokens if that has room; False if neither has."""
+        k = self.cost.index(min(self.cost))
+        if self.tokens[k] + piece[0] > self.cap:
+            k = self.tokens.index(min(self.tokens))
+            if self.tokens[k] + piece[0] > self.cap:
+                return False
+        self.add(k, piece)
+        return True
 
 
 def _pour(costs: list[float], room: list[float], tokens: float, rate: float) -> list[float]:
