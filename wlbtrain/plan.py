@@ -378,8 +378,8 @@ def format_sweep(points: list[dict], source: str) -> str:
         lines.append(f"{p['max_token_delay']:>15.2f}  {p['imbalance_mean']:>14.3f} "
                      f"{p['imbalance_p90']:>6.3f}  {p['token_delay_mean']:>10.2f} "
                      f"{p['token_delay_max']:>4}  {p['pack_ms_p99']:>11.2f}")
-    lines.append("the budget bounds the tuner's estimate; the delay column is what the plan "
-                 "made (mean token-weighted, in steps)")
+    lines.append("the budget bounds the tuner's estimate and replay of a recent window; the delay "
+                 "column is what the plan made (mean token-weighted, in steps)")
     return "\n".join(lines)
 
 
