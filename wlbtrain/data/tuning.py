@@ -86,7 +86,7 @@ EVAL_RECORDS_PER_STEP = 2 * (TUNE_WINDOW + ESTIMATE_OVERHEAD_RECORDS)
 RETUNE_MIN_GAIN = 0.01
 # The threshold sets the estimate scores best that a replay of the packer re-ranks (replay.py),
 # with the current ones: the estimate misses whole kinds of steps (see replay.py), and the
-# replay tracks the packer within ~0.01 of imbalance but costs ~0.3-1 ms a step.
+# replay tracks the packer within ~0.01 of imbalance but costs ~0.1-0.3 ms a step.
 VERIFY_CANDIDATES = 6
 # Steps of the window's most recent records each replay runs (the same ones for every set).
 REPLAY_STEPS = 96
@@ -94,8 +94,8 @@ REPLAY_STEPS = 96
 MIN_REPLAY_STEPS = 24
 # Replay steps a planning step may spend while a search verifies (a few ms at most).
 REPLAY_STEPS_PER_PLAN = 8
-# The replay's delay runs within ~0.03 steps of the packer's (it leaves out the wait of short
-# pieces refine holds back); it is held to the budget less this.
+# The replay's delay runs within ~0.03 steps of the packer's on the same window, and later
+# windows differ from it; it is held to the budget less this.
 REPLAY_DELAY_MARGIN = 0.02
 
 
@@ -289,7 +289,8 @@ class ThresholdSearch:
         # ThresholdTuner.queue_delay) for the replays, or None to trust the estimate alone
         self.replay = replay
         self.seen = seen if seen is not None else []  # [thresholds, score, delay] estimated
-        self.verify = verify  # while verifying: {"window_from", "queue", "results"}
+        # while verifying: {"window_from", "queue" of sets, "results" so far, "replay" running}
+        self.verify = verify
 
     @classmethod
     def start(cls, lengths, max_piece: int, current: list[int],
@@ -353,7 +354,7 @@ class ThresholdSearch:
         for ts, _, _ in best_first:
             if ts not in queue and len(queue) < VERIFY_CANDIDATES:
                 queue.append(ts)
-        if self.current not in queue and any(ts == self.current for ts, _, _ in self.seen):
+        if self.current not in queue:  # scored in stage 0
             queue.append(self.current)
         # the same most recent steps for every set, so that they are compared on equal terms
         tokens = np.cumsum(self.lengths[::-1, 0])
