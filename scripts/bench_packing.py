@@ -38,7 +38,7 @@ from wlbtrain.data.packing import make_packer, max_piece_for  # noqa: E402
 from wlbtrain.data.stream import DocumentStream  # noqa: E402
 from wlbtrain.plan import simulate  # noqa: E402
 from wlbtrain.data.families import FAMILIES  # noqa: E402
-from wlbtrain.data.tuning import CANDIDATE_FRACTIONS  # noqa: E402
+from wlbtrain.data.tuning import candidate_grid  # noqa: E402
 
 DOCLENS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "doclens")
 FILES = {"fig3": "wlbllm_fig3.json", "wiki": "wikipedia_1m.txt"}
@@ -159,7 +159,7 @@ def fixed_frontier(lengths, layout, max_delay, steps, seed, top=3) -> list[tuple
     ``top`` (imbalance, delay, thresholds as fractions of the context) within ``max_delay``
     steps. What an oracle choosing fixed queues with hindsight reaches, to hold the tuner to."""
     ctx, n = layout["context"], layout["n_micro"]
-    grid = sorted({max(1, int(ctx * f)) for f in CANDIDATE_FRACTIONS})
+    grid = candidate_grid(ctx)
     found = []
     for ts in [[]] + [[t] for t in grid] + [list(p) for p in itertools.combinations(grid, 2)]:
         s = run(lengths, layout, "wlb", {"outlier_thresholds": ts}, steps, seed).summary(n, ctx)

@@ -110,6 +110,11 @@ def pool_shorts(lengths, max_piece: int) -> np.ndarray:
     return np.array(pooler.records, dtype=np.int64).reshape(-1, 3)
 
 
+def candidate_grid(max_piece: int) -> list[int]:
+    """The thresholds a search may place: CANDIDATE_FRACTIONS of the longest piece."""
+    return sorted({max(1, int(max_piece * f)) for f in CANDIDATE_FRACTIONS})
+
+
 def short_below(max_piece: int) -> int:
     return max(1, int(max_piece * CANDIDATE_FRACTIONS[0]))
 
@@ -295,7 +300,7 @@ class ThresholdSearch:
     @classmethod
     def start(cls, lengths, max_piece: int, current: list[int],
               replay: Optional[tuple[int, int, float]] = None) -> "ThresholdSearch":
-        grid = sorted({max(1, int(max_piece * f)) for f in CANDIDATE_FRACTIONS})
+        grid = candidate_grid(max_piece)
         # stage 0 scores "no queue" and the current thresholds; then forward rounds 1..MAX_QUEUES
         return cls(as_records(lengths), grid, list(current), 0, [], np.inf,
                    [[], list(current)], [], np.inf, np.inf, replay=replay)
