@@ -294,7 +294,8 @@ class ThresholdSearch:
         # ThresholdTuner.queue_delay) for the replays, or None to trust the estimate alone
         self.replay = replay
         self.seen = seen if seen is not None else []  # [thresholds, score, delay] estimated
-        # while verifying: {"window_from", "queue" of sets, "results" so far, "replay" running}
+        # while verifying: {"window_from", "queue" of sets, "results" so far, "replay": the
+        # running Replay (a state dict only in state_dict)}
         self.verify = verify
 
     @classmethod
@@ -367,20 +368,19 @@ class ThresholdSearch:
         window_from = max(0, len(self.lengths) - back - 1)
         self.stage = _VERIFY
         self.verify = {"window_from": window_from, "queue": queue, "results": [],
-                       "replay": Replay(queue[0]).state_dict()}
+                       "replay": Replay(queue[0])}
 
     def _replay(self, steps, units, unit_tokens, budget, cost_model, max_token_delay) -> None:
         moves, max_carry, margin = self.replay
         window = self.lengths[self.verify["window_from"]:]
         delays = {tuple(ts): delay for ts, _, delay in self.seen}
         while steps > 0:
-            replay = Replay.from_state(self.verify["replay"])
+            replay = self.verify["replay"]
             before = len(replay.imbalances)
             replay.advance(window, steps, units, unit_tokens, budget, cost_model, moves,
                            max_carry)
             steps -= max(1, len(replay.imbalances) - before)
             if not replay.done:
-                self.verify["replay"] = replay.state_dict()
                 return
             ts = replay.thresholds
             # the estimate's delay counts pieces still queued, the replay's the carry-over and
@@ -392,7 +392,7 @@ class ThresholdSearch:
             if done == len(self.verify["queue"]):
                 self._finish_verify()
                 return
-            self.verify["replay"] = Replay(self.verify["queue"][done]).state_dict()
+            self.verify["replay"] = Replay(self.verify["queue"][done])
 
     def _finish_verify(self) -> None:
         results = self.verify["results"]
@@ -419,7 +419,8 @@ class ThresholdSearch:
                 "stage_score": num(self.stage_score), "current_score": num(self.current_score),
                 "replay": None if self.replay is None else list(self.replay),
                 "seen": [[ts, num(score), float(delay)] for ts, score, delay in self.seen],
-                "verify": self.verify}
+                "verify": None if self.verify is None else
+                {**self.verify, "replay": self.verify["replay"].state_dict()}}
 
     @classmethod
     def from_state(cls, state: dict) -> "ThresholdSearch":
@@ -432,7 +433,7 @@ class ThresholdSearch:
             verify = {"window_from": int(verify["window_from"]),
                       "queue": [ints(ts) for ts in verify["queue"]],
                       "results": [[ints(ts), float(s)] for ts, s in verify["results"]],
-                      "replay": Replay.from_state(verify["replay"]).state_dict()}
+                      "replay": Replay.from_state(verify["replay"])}
         return cls(as_records(np.asarray(state["lengths"], dtype=np.int64).reshape(-1, 3)),
                    ints(state["grid"]),
                    ints(state["current"]), int(state["stage"]), ints(state["best"]),
