@@ -21,11 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-try:  # host-side TMA descriptors; without them (older Triton) the kernels use pointer loads
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - depends on the installed Triton
-    TensorDescriptor = None
-
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -135,20 +130,15 @@ def _query_range(col0, lq, diag, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 @_jit
-def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, k_row, kv_col, start, end, rows,
-               offs_n, lk, diag, qk_scale, stride_kt, stride_vt, BLOCK_N: tl.constexpr,
-               MASKED: tl.constexpr, CAUSAL: tl.constexpr, TMA: tl.constexpr,
-               PRECISION: tl.constexpr):
-    """Online softmax over key blocks [start, end); m_i is in log2 units. With TMA the unmasked
-    blocks are read through tensor descriptors (k_row: the segment's first key row, kv_col: the
-    head's first column), which frees the registers pointer tiles hold."""
+def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, start, end, rows, offs_n, lk, diag, qk_scale,
+               stride_kt, stride_vt, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+               CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over key blocks [start, end); m_i is in log2 units."""
     for col0 in range(start, end, BLOCK_N):
         cols = col0 + offs_n
         if MASKED:
             col_ok = cols < lk
             k = tl.load(k_ptrs + col0 * stride_kt, mask=col_ok[:, None], other=0.0)
-        elif TMA:
-            k = k_desc.load([k_row + col0, kv_col])
         else:
             k = tl.load(k_ptrs + col0 * stride_kt)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
@@ -168,8 +158,6 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, k_row, kv_col, 
         l_i = l_i * alpha + _row_sum(p)
         if MASKED:
             v = tl.load(v_ptrs + col0 * stride_vt, mask=col_ok[:, None], other=0.0)
-        elif TMA:
-            v = v_desc.load([k_row + col0, kv_col])
         else:
             v = tl.load(v_ptrs + col0 * stride_vt)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
@@ -178,12 +166,12 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, k_row, kv_col, 
 
 
 @_jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, K_DESC, V_DESC, CU_Q, CU_K, TABLE, num_slots, qk_scale,
+def _attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TABLE, num_slots, qk_scale,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_ot, stride_oh, stride_lse_h,
                      NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                     TMA: tl.constexpr, PRECISION: tl.constexpr):
+                     PRECISION: tl.constexpr):
     """One program: BLOCK_M queries of one segment, one query head."""
     pid = tl.program_id(0)
     slot = pid // NUM_HEADS
@@ -208,15 +196,12 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, K_DESC, V_DESC, CU_Q, CU_K, TABLE, num_slo
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
     acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
-    k_row = k_start.to(tl.int32)
-    kv_col = kv_head * HEAD_DIM
     full, end = _key_range(row0, lk, diag, BLOCK_M, BLOCK_N, CAUSAL)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, K_DESC, V_DESC, k_row, kv_col,
-                               0, full, rows, offs_n, lk, diag, qk_scale, stride_kt, stride_vt,
-                               BLOCK_N, False, CAUSAL, TMA, PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, K_DESC, V_DESC, k_row, kv_col,
-                               full, end, rows, offs_n, lk, diag, qk_scale, stride_kt, stride_vt,
-                               BLOCK_N, True, CAUSAL, TMA, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, full, rows, offs_n, lk, diag,
+                               qk_scale, stride_kt, stride_vt, BLOCK_N, False, CAUSAL, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, full, end, rows, offs_n, lk,
+                               diag, qk_scale, stride_kt, stride_vt, BLOCK_N, True, CAUSAL,
+                               PRECISION)
 
     has_key = l_i > 0
     l_safe = tl.where(has_key, l_i, 1.0)
@@ -257,33 +242,24 @@ def _load_row_stats(LSE_h, DELTA_h, rows, row_ok):
 
 
 @_jit
-def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, q_desc, do_desc, q_row, q_col, LSE_h,
-                DELTA_h, start, end, full, offs_m, cols, lq, diag, qk_scale, sm_scale, stride_qt,
-                stride_dot, stride_dqt, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
-                ATOMIC_DQ: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
-                TMA: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate dK and/or dV of one key block over the query blocks [start, end) of one head;
+def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE_h, DELTA_h, start, full, offs_m,
+                cols, lq, diag, qk_scale, sm_scale, stride_qt, stride_dot, stride_dqt,
+                BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                WITH_DK: tl.constexpr, WITH_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dK and/or dV of one key block over the query blocks [start, lq) of one head;
     the blocks before full need the causal mask. One loop with a uniform branch, not two loops:
-    two pipelined loops hold more registers than the dK/dV accumulators leave free. With TMA,
-    q and dO come through tensor descriptors (q_row: the segment's first query row, q_col: the
-    head's first column), so every block of [start, end) must lie inside the segment."""
-    for row0 in range(start, end, BLOCK_M):
+    two pipelined loops hold more registers than the dK/dV accumulators leave free."""
+    for row0 in range(start, lq, BLOCK_M):
         rows = row0 + offs_m
         row_ok = rows < lq
-        if TMA:
-            q = q_desc.load([q_row + row0, q_col])
-        else:
-            q = tl.load(q_ptrs + row0 * stride_qt, mask=row_ok[:, None], other=0.0)
+        q = tl.load(q_ptrs + row0 * stride_qt, mask=row_ok[:, None], other=0.0)
         lse, delta = _load_row_stats(LSE_h, DELTA_h, rows, row_ok)
         p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
                       - lse[None, :])
         if CAUSAL:
             if row0 < full:
                 p_t = tl.where(cols[:, None] <= rows[None, :] + diag, p_t, 0.0)
-        if TMA:
-            do = do_desc.load([q_row + row0, q_col])
-        else:
-            do = tl.load(do_ptrs + row0 * stride_dot, mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_ptrs + row0 * stride_dot, mask=row_ok[:, None], other=0.0)
         if WITH_DV:
             dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         if WITH_DK:
@@ -298,8 +274,7 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, q_desc, do_desc, q_row, 
 
 
 @_jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, Q_DESC, DO_DESC, CU_Q, CU_K,
-                          TABLE, num_slots,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K, TABLE, num_slots,
                           qk_scale, sm_scale, stride_qt, stride_qh, stride_kt, stride_kh,
                           stride_vt, stride_vh, stride_dot, stride_doh, stride_lse_h,
                           stride_delta_h, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
@@ -307,7 +282,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, Q_DESC, DO_DESC, 
                           NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                          WITH_DK: tl.constexpr, WITH_DV: tl.constexpr, TMA: tl.constexpr,
+                          WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
                           PRECISION: tl.constexpr):
     """One program: BLOCK_N keys of one segment, one KV head, summed over its query heads.
     WITH_DK / WITH_DV select the outputs: one accumulator instead of two frees the registers
@@ -342,21 +317,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, Q_DESC, DO_DESC, 
                    + offs_d[None, :])
         lse_h = LSE + head * stride_lse_h + q_start
         delta_h = DELTA + head * stride_delta_h + q_start
-        if TMA:
-            # Whole blocks through descriptors; the segment's last, partial block (which would
-            # read the next segment's rows) through masked pointer loads.
-            body = tl.maximum(lq // BLOCK_M * BLOCK_M, start)
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, Q_DESC, DO_DESC,
-                                 q_start.to(tl.int32), head * HEAD_DIM, lse_h, delta_h, start,
-                                 body, full, offs_m, cols, lq, diag, qk_scale, sm_scale,
-                                 stride_qt, stride_dot, stride_dqt, BLOCK_M, CAUSAL, ATOMIC_DQ,
-                                 WITH_DK, WITH_DV, True, PRECISION)
-        else:
-            body = start
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, Q_DESC, DO_DESC, 0, 0, lse_h,
-                             delta_h, body, lq, full, offs_m, cols, lq, diag, qk_scale,
-                             sm_scale, stride_qt, stride_dot, stride_dqt, BLOCK_M, CAUSAL,
-                             ATOMIC_DQ, WITH_DK, WITH_DV, False, PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, lse_h, delta_h, start, full,
+                             offs_m, cols, lq, diag, qk_scale, sm_scale, stride_qt, stride_dot,
+                             stride_dqt, BLOCK_M, CAUSAL, ATOMIC_DQ, WITH_DK, WITH_DV,
+                             PRECISION)
     dk_ptrs = DK + (k_start + cols)[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :]
     dv_ptrs = DV + (k_start + cols)[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :]
     if WITH_DK:
@@ -366,20 +330,16 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, Q_DESC, DO_DESC, 
 
 
 @_jit
-def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, k_desc, v_desc, k_row, kv_col, start, end,
-              rows, offs_n, lk, diag, qk_scale, stride_kt, stride_vt, BLOCK_N: tl.constexpr,
-              MASKED: tl.constexpr, CAUSAL: tl.constexpr, TMA: tl.constexpr,
-              PRECISION: tl.constexpr):
-    """Accumulate dQ of one query block over key blocks [start, end) (TMA as in _fwd_inner)."""
+def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, start, end, rows, offs_n, lk, diag,
+              qk_scale, stride_kt, stride_vt, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dQ of one query block over key blocks [start, end)."""
     for col0 in range(start, end, BLOCK_N):
         cols = col0 + offs_n
         if MASKED:
             col_ok = cols < lk
             k = tl.load(k_ptrs + col0 * stride_kt, mask=col_ok[:, None], other=0.0)
             v = tl.load(v_ptrs + col0 * stride_vt, mask=col_ok[:, None], other=0.0)
-        elif TMA:
-            k = k_desc.load([k_row + col0, kv_col])
-            v = v_desc.load([k_row + col0, kv_col])
         else:
             k = tl.load(k_ptrs + col0 * stride_kt)
             v = tl.load(v_ptrs + col0 * stride_vt)
@@ -396,13 +356,13 @@ def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, k_desc, v_desc, k_row, kv_c
 
 
 @_jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, K_DESC, V_DESC, CU_Q, CU_K, TABLE,
-                        num_slots, qk_scale, sm_scale, stride_qt, stride_qh, stride_kt,
-                        stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_lse_h,
-                        stride_delta_h, stride_dqt, stride_dqh,
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, TABLE, num_slots, qk_scale,
+                        sm_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+                        stride_vh, stride_dot, stride_doh, stride_lse_h, stride_delta_h,
+                        stride_dqt, stride_dqh,
                         NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                        TMA: tl.constexpr, PRECISION: tl.constexpr):
+                        PRECISION: tl.constexpr):
     """One program: dQ of BLOCK_M queries of one segment, one query head."""
     pid = tl.program_id(0)
     slot = pid // NUM_HEADS
@@ -427,16 +387,12 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, K_DESC, V_DESC, CU_Q, CU_K,
     kv_head = head // GROUP
     k_ptrs = K + (k_start + offs_n)[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :]
     v_ptrs = V + (k_start + offs_n)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :]
-    k_row = k_start.to(tl.int32)
-    kv_col = kv_head * HEAD_DIM
     dq = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
     full, end = _key_range(row0, lk, diag, BLOCK_M, BLOCK_N, CAUSAL)
-    dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, K_DESC, V_DESC, k_row, kv_col, 0, full,
-                   rows, offs_n, lk, diag, qk_scale, stride_kt, stride_vt, BLOCK_N, False,
-                   CAUSAL, TMA, PRECISION)
-    dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, K_DESC, V_DESC, k_row, kv_col, full,
-                   end, rows, offs_n, lk, diag, qk_scale, stride_kt, stride_vt, BLOCK_N, True,
-                   CAUSAL, TMA, PRECISION)
+    dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, 0, full, rows, offs_n, lk, diag,
+                   qk_scale, stride_kt, stride_vt, BLOCK_N, False, CAUSAL, PRECISION)
+    dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, full, end, rows, offs_n, lk, diag,
+                   qk_scale, stride_kt, stride_vt, BLOCK_N, True, CAUSAL, PRECISION)
     dq_ptrs = DQ + (q_start + rows)[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
@@ -463,14 +419,11 @@ def _fill_outside_kernel(X, CU, num_segments, total_rows, width, stride_r, strid
 # --------------------------------------------------------------------------------------------
 
 class KernelConfig(NamedTuple):
-    """Tile shape and launch parameters of one kernel. tma: read the blocks of the inner loop
-    (K and V in the forward and dQ kernels, Q and dO in the dK/dV kernel) through TMA tensor
-    descriptors (Hopper and later) where the tensors' layout allows it."""
+    """Tile shape and launch parameters of one kernel."""
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
-    tma: bool = False
 
 
 class BackwardConfig(NamedTuple):
@@ -580,23 +533,6 @@ def _fill_outside(x, cu, value, rows_dim):
                                value, BLOCK_R=_FILL_BLOCK_R, BLOCK_C=_FILL_BLOCK_C)
 
 
-def _descriptors(cfg, rows, *tensors):
-    """TMA descriptors over tensors [tokens, heads, D] seen as [tokens, heads * D], loading one
-    head's block of `rows` tokens; or the tensors themselves (pointer loads) when cfg has no
-    tma or any of them has a layout TMA cannot read: heads not adjacent within a token, rows
-    or base not 16-byte aligned."""
-    def readable(x):
-        tokens, heads, dim = x.shape
-        return (tokens > 0 and x.stride(0) > 0 and x.stride(2) == 1 and x.stride(1) == dim
-                and x.stride(0) * x.element_size() % 16 == 0 and x.data_ptr() % 16 == 0)
-
-    if not cfg.tma or TensorDescriptor is None or not all(readable(x) for x in tensors):
-        return tensors, False
-    return tuple(TensorDescriptor(base=x, shape=[x.shape[0], x.shape[1] * x.shape[2]],
-                                  strides=[x.stride(0), 1], block_shape=[rows, x.shape[2]])
-                 for x in tensors), True
-
-
 def _forward(q, k, v, cu_q, cu_k, causal, scale, out_dtype, cfg):
     total_q, num_heads, head_dim = q.shape
     out = torch.empty((total_q, num_heads, head_dim), dtype=out_dtype, device=q.device)
@@ -608,14 +544,13 @@ def _forward(q, k, v, cu_q, cu_k, causal, scale, out_dtype, cfg):
     if num_segments == 0 or total_q == 0:
         return out, lse
     table = _block_table(cu_q, cu_k, cfg.block_m, num_slots, causal, True)
-    (k_desc, v_desc), tma = _descriptors(cfg, cfg.block_n, k, v)
     _attn_fwd_kernel[(num_slots * num_heads,)](
-        q, k, v, out, lse, k_desc, v_desc, cu_q, cu_k, table, num_slots, scale * _LOG2E.value,
+        q, k, v, out, lse, cu_q, cu_k, table, num_slots, scale * _LOG2E.value,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
         NUM_HEADS=num_heads, GROUP=num_heads // k.shape[1], HEAD_DIM=head_dim,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal, TMA=tma,
-        PRECISION=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal, PRECISION=_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
 
 
@@ -659,15 +594,13 @@ def _backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale, dlse, grad_dty
     slots = triton.cdiv(total_k, cfg.dkdv.block_n) + num_segments
     table = _block_table(cu_k, cu_q, cfg.dkdv.block_n, slots, causal, False)
     parts = ((False, True), (True, False)) if cfg.split_dkdv else ((True, True),)
-    (q_desc, do_desc), tma = _descriptors(cfg.dkdv, cfg.dkdv.block_m, q, dout)
     for with_dk, with_dv in parts:
         _attn_bwd_dkdv_kernel[(slots * num_kv_heads,)](
-            q, k, v, dout, lse, delta, dk, dv, dq, q_desc, do_desc, cu_q, cu_k, table, slots,
-            *common,
+            q, k, v, dout, lse, delta, dk, dv, dq, cu_q, cu_k, table, slots, *common,
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq.stride(0), dq.stride(1),
             NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim,
             BLOCK_M=cfg.dkdv.block_m, BLOCK_N=cfg.dkdv.block_n, CAUSAL=causal,
-            ATOMIC_DQ=cfg.atomic_dq and with_dk, WITH_DK=with_dk, WITH_DV=with_dv, TMA=tma,
+            ATOMIC_DQ=cfg.atomic_dq and with_dk, WITH_DK=with_dk, WITH_DV=with_dv,
             PRECISION=precision, num_warps=cfg.dkdv.num_warps,
             num_stages=cfg.dkdv.num_stages)
     if cfg.atomic_dq:
@@ -675,12 +608,10 @@ def _backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale, dlse, grad_dty
 
     slots = triton.cdiv(total_q, cfg.dq.block_m) + num_segments
     table = _block_table(cu_q, cu_k, cfg.dq.block_m, slots, causal, True)
-    (k_desc, v_desc), tma = _descriptors(cfg.dq, cfg.dq.block_n, k, v)
     _attn_bwd_dq_kernel[(slots * num_heads,)](
-        q, k, v, dout, lse, delta, dq, k_desc, v_desc, cu_q, cu_k, table, slots, *common,
+        q, k, v, dout, lse, delta, dq, cu_q, cu_k, table, slots, *common,
         dq.stride(0), dq.stride(1), NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim,
-        BLOCK_M=cfg.dq.block_m, BLOCK_N=cfg.dq.block_n, CAUSAL=causal, TMA=tma,
-        PRECISION=precision,
+        BLOCK_M=cfg.dq.block_m, BLOCK_N=cfg.dq.block_n, CAUSAL=causal, PRECISION=precision,
         num_warps=cfg.dq.num_warps, num_stages=cfg.dq.num_stages)
     return dq, dk, dv
 

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -24,15 +23,10 @@ from wlbtrain.models.llama import build_model, from_hf_state_dict, hf_state_dict
 from wlbtrain.train import Trainer, build_optimizer
 
 # (save layout, its processes, resume layout, its processes); dp × micro_batches stays 4
-# FSDP -> TP is exact from torch 2.13 only (ckpt.EXACT_TP_RESHARD_TORCH; the run warns before it)
-# (not strict: only 2.11 and 2.13 were seen; a version between may be exact)
-INEXACT_TP = pytest.mark.xfail(ckpt.torch_version() < ckpt.EXACT_TP_RESHARD_TORCH, strict=False,
-                               reason="torch 2.11 doubles the first resumed norm gradients")
 RESHARD = [
     (["parallel.dp=2", "train.micro_batches=2"], 2, ["train.micro_batches=4"], 1),
     (["train.micro_batches=4"], 1, ["parallel.dp=2", "train.micro_batches=2"], 2),
-    pytest.param((["parallel.dp=2", "train.micro_batches=2"], 2,
-                  ["parallel.tp=2", "train.micro_batches=4"], 2), marks=INEXACT_TP),
+    (["parallel.dp=2", "train.micro_batches=2"], 2, ["parallel.tp=2", "train.micro_batches=4"], 2),
     (["parallel.pp=2", "train.micro_batches=4"], 2, ["train.micro_batches=4"], 1),
     (["parallel.pp=2", "train.micro_batches=4"], 2, ["parallel.pp=2", "train.micro_batches=4"], 2),
     (["parallel.cp=2", "train.micro_batches=4"], 2, ["parallel.dp=2", "train.micro_batches=2"], 2),
@@ -362,15 +356,3 @@ def test_init_from_with_other_shapes_exits_2_naming_the_tensor(tmp_path, cache, 
     assert "checkpoint.init_from" in lines[0] and "model.embed_tokens.weight" in lines[0]
     assert "[256, 64]" in lines[0] and "[256, 128]" in lines[0]
     assert not (tmp_path / "metrics.jsonl").exists()
-
-
-def test_resharding_into_tp_warns_on_torch_before_exact_resume(monkeypatch, tmp_path):
-    saved, current = {"parallel": {"tp": 1}}, {"parallel": {"tp": 2}}
-    monkeypatch.setattr(ckpt, "torch_version", lambda: (2, 11))
-    with pytest.warns(UserWarning, match="parallel.tp=1"):
-        ckpt._warn_known_reshard_issue(saved, current, tmp_path)
-    monkeypatch.setattr(ckpt, "torch_version", lambda: ckpt.EXACT_TP_RESHARD_TORCH)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        ckpt._warn_known_reshard_issue(saved, current, tmp_path)  # exact there: no warning
-        ckpt._warn_known_reshard_issue(current, current, tmp_path)

@@ -116,13 +116,11 @@ def test_forward_lse_and_gradients_match_reference(causal, kind, num_kv_heads):
                                                 KernelConfig(16, 32, 1, 1), atomic_dq=True)),
     (KernelConfig(16, 16, 1, 1), BackwardConfig(KernelConfig(16, 32, 1, 1),
                                                 KernelConfig(16, 16, 1, 1), split_dkdv=True)),
-    (KernelConfig(32, 16, 1, 1, tma=True), BackwardConfig(KernelConfig(16, 32, 1, 1, tma=True),
-                                                          KernelConfig(32, 16, 1, 1, tma=True))),
-], ids=["tall", "wide-atomic-dq", "split-dkdv", "tma"])
+], ids=["tall", "wide-atomic-dq", "split-dkdv"])
 @pytest.mark.parametrize("causal", [True, False])
 def test_other_tile_shapes(monkeypatch, config, causal):
-    """Block ranges and diagonal masks must hold when BLOCK_M != BLOCK_N, and the atomic-dQ,
-    split dK/dV and TMA-descriptor variants must agree with the reference too."""
+    """Block ranges and diagonal masks must hold when BLOCK_M != BLOCK_N, and the atomic-dQ
+    and split dK/dV backward variants must agree with the reference too."""
     forward, backward = config
     monkeypatch.setattr(attention, "forward_config", lambda q: forward)
     monkeypatch.setattr(attention, "backward_config", lambda q: backward)
@@ -166,15 +164,8 @@ def test_no_segments():
     assert torch.equal(q.grad, torch.zeros_like(q)) and torch.equal(k.grad, torch.zeros_like(k))
 
 
-@pytest.mark.parametrize("tma", [False, True])
-def test_strided_inputs(monkeypatch, tma):
-    """q, k, v as views into one fused projection, as a model produces them (TMA descriptors
-    read such views in place)."""
-    if tma:
-        monkeypatch.setattr(attention, "forward_config",
-                            lambda q: KernelConfig(16, 16, 1, 1, tma=True))
-        monkeypatch.setattr(attention, "backward_config", lambda q: BackwardConfig(
-            KernelConfig(16, 16, 1, 1, tma=True), KernelConfig(16, 16, 1, 1, tma=True)))
+def test_strided_inputs():
+    """q, k, v as views into one fused projection, as a model produces them."""
     gen = torch.Generator().manual_seed(9)
     lq = [13, 30, 7]
     qkv = torch.randn(sum(lq), 4 + 2 + 2, 32, generator=gen).requires_grad_()
@@ -349,35 +340,3 @@ def test_gpu_atomic_dq_matches_separate_dq(monkeypatch):
                             torch.Generator().manual_seed(1))[2]
     for got, want in zip(atomic, base):
         assert rel_l2(got, want) < 1e-2
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_gpu_tma_matches_pointer_loads(monkeypatch, head_dim):
-    """The tuned tiles with and without TMA descriptors compute the same attention; inputs are
-    views into one fused projection and segments end mid-block, as in training."""
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA descriptors need Hopper or later")
-    gen = torch.Generator().manual_seed(head_dim)
-    lq = [1500, 333, 129, 1, 700, 2048]
-    total = sum(lq) + 5
-    qkv = torch.randn(total, 8 + 2 + 2, head_dim, generator=gen).to("cuda", torch.bfloat16)
-    cu = _cu(lq, device="cuda")
-
-    def run(tma):
-        fwd, bwd = attention.forward_config(qkv), attention.backward_config(qkv)
-        monkeypatch.setattr(attention, "forward_config", lambda q: fwd._replace(tma=tma))
-        monkeypatch.setattr(attention, "backward_config", lambda q: bwd._replace(
-            dkdv=bwd.dkdv._replace(tma=tma), dq=bwd.dq._replace(tma=tma)))
-        try:
-            x = qkv.detach().clone().requires_grad_()
-            out = varlen_attention(x[:, :8], x[:, 8:10], x[:, 10:], cu, cu, 2048, 2048)
-            out.backward(torch.ones_like(out))
-            return out.float(), x.grad.float()
-        finally:
-            monkeypatch.undo()
-
-    (out_p, grad_p), (out_t, grad_t) = run(False), run(True)
-    assert rel_l2(out_t, out_p) < 1e-3
-    assert rel_l2(grad_t, grad_p) < 1e-3

@@ -27,7 +27,6 @@ import random
 import re
 import shutil
 import time
-import warnings
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -296,30 +295,7 @@ def resume_point(cfg, global_micro_batches: int) -> Path | None:
             f"train.micro_batches: {path} was trained with {saved_micro} micro-batches per "
             f"global batch (parallel.dp × train.micro_batches), this run has "
             f"{global_micro_batches}; any layout resumes, but keep the product")
-    _warn_known_reshard_issue(saved.get("config", {}), cfg.to_dict(), path)
     return path
-
-
-# Resuming under tensor parallelism a checkpoint written with another TP degree: on torch 2.11
-# the first resumed step's sequence-parallel norm-weight gradients came out about twice the
-# uninterrupted run's (losses equal, other weights equal; measured on the GPU image, BENCHMARKS.md
-# "The test suite on the GPU image"); torch 2.13 resumes exactly (tests/test_checkpoint.py).
-EXACT_TP_RESHARD_TORCH = (2, 13)
-
-
-def _warn_known_reshard_issue(saved: dict, current: dict, path: Path) -> None:
-    old_tp = saved.get("parallel", {}).get("tp", 1)
-    new_tp = current["parallel"]["tp"]
-    if new_tp > 1 and old_tp != new_tp and torch_version() < EXACT_TP_RESHARD_TORCH:
-        warnings.warn(f"checkpoint.resume: {path} was written with parallel.tp={old_tp}; resuming "
-                      f"it with parallel.tp={new_tp} on torch {torch.__version__} perturbs the "
-                      "norm weights' first update (exact from torch 2.13); resume with "
-                      f"parallel.tp={old_tp} or upgrade torch to keep the run bit-comparable",
-                      stacklevel=2)
-
-
-def torch_version() -> tuple[int, int]:
-    return tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
 
 
 def _check_same_settings(saved: dict, current: dict, path: Path) -> None:

@@ -113,6 +113,19 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
                              fused=fused or None)
 
 
+def _sum_partial_grads(params) -> None:
+    """Give every gradient its parameter's placements. Under tensor parallelism without FSDP the
+    sequence-parallel norm weights get Partial(sum) gradients (each rank saw its own tokens);
+    they are summed here, once, before the norm, the clipping and the optimizer. Leaving them
+    partial is not safe: on torch 2.11, clipping them (clip_grads_with_norm_) corrupts them, and
+    the norm weights' Adam moments came out 70-200% off after two clipped steps (exact with
+    clipping off, and on torch 2.13). With FSDP the gradients arrive reduced: nothing to do."""
+    for p in params:
+        grad = p.grad
+        if isinstance(grad, DTensor) and any(pl.is_partial() for pl in grad.placements):
+            p.grad = grad.redistribute(grad.device_mesh, p.placements)
+
+
 class StopRequest:
     """SIGTERM / SIGINT set a flag; the loop checkpoints after the current step and stops."""
 
@@ -452,6 +465,7 @@ class Trainer:
     def _clip_gradients(self) -> float:
         """Clip by the global norm over every stage's gradients; returns that norm."""
         params = [p for p in self.model.parameters() if p.grad is not None]
+        _sum_partial_grads(params)
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if isinstance(norm, DTensor):  # sharded by FSDP or tensor parallelism
             norm = norm.full_tensor()
