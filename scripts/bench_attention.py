@@ -238,9 +238,8 @@ def measure(name, method, layout, qkv, ref_rows, ref_out, budget_ms):
 # Tile sweep (Hopper)
 # ------------------------------------------------------------------------------------------------
 
-# Candidate tiles (block_m, block_n, num_warps, num_stages) for --sweep, each timed with pointer
-# loads and with TMA descriptors. Tiles that spill registers or overflow shared memory are
-# reported and skipped.
+# Candidate tiles (block_m, block_n, num_warps, num_stages) for --sweep. Tiles that spill
+# registers or overflow shared memory are reported and skipped.
 FORWARD_CANDIDATES = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
                       (128, 128, 8, 2), (128, 64, 4, 3)]
 DKDV_CANDIDATES = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2), (128, 128, 8, 2),
@@ -250,10 +249,6 @@ DQ_CANDIDATES = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4,
                  (128, 128, 8, 2)]
 ATOMIC_DQ_CANDIDATES = [(32, 128, 8, 2)]
 SPLIT_DKDV_CANDIDATES = [(64, 128, 8, 2), (64, 128, 8, 3), (128, 128, 8, 2)]
-
-
-def with_tma(candidates):
-    return [tile + (tma,) for tile in candidates for tma in (False, True)]
 
 
 def log_kernel_times(fn, log):
@@ -278,12 +273,11 @@ def sweep(kernels, layout, log):
     scale = 1.0 / math.sqrt(HEAD_DIM)
     flops = forward_tflops(docs)
     results = {"forward": [], "backward": []}
-
     expected = {}
 
     def time_config(kind, config, fn):
         """Time one candidate; its results must match the first candidate's of the same kind
-        (a tile or TMA variant that computes something else is reported, not kept)."""
+        (a variant that computes something else is reported, not kept)."""
         try:
             got = [t.float() for t in fn()]
             want = expected.setdefault(kind, got)
@@ -298,7 +292,7 @@ def sweep(kernels, layout, log):
         except Exception as exc:  # a tile that does not fit is skipped, not fatal
             log(f"sweep {kind} {config}: failed {type(exc).__name__}: {str(exc)[:200]}")
 
-    for cfg in (K(*c) for c in with_tma(FORWARD_CANDIDATES)):
+    for cfg in map(K._make, FORWARD_CANDIDATES):
         time_config("forward", cfg, lambda cfg=cfg: attention._forward(
             q, k, v, cu, cu, True, scale, q.dtype, cfg))
     best_fwd = min(results["forward"])[1]
@@ -309,15 +303,15 @@ def sweep(kernels, layout, log):
         return lambda: attention._backward(dout, q, k, v, out, lse, cu, cu, True, scale, None,
                                            q.dtype, cfg)
     shipped = attention.backward_config(q)
-    for cfg in (K(*c) for c in with_tma(DKDV_CANDIDATES)):
+    for cfg in map(K._make, DKDV_CANDIDATES):
         time_config("backward", B(cfg, shipped.dq), backward(B(cfg, shipped.dq)))
     best_dkdv = min(results["backward"])[1].dkdv
-    for cfg in (K(*c) for c in with_tma(DQ_CANDIDATES)):
+    for cfg in map(K._make, DQ_CANDIDATES):
         time_config("backward", B(best_dkdv, cfg), backward(B(best_dkdv, cfg)))
     best_dq = min(results["backward"])[1].dq
-    for cfg in (K(*c) for c in with_tma(ATOMIC_DQ_CANDIDATES)):
+    for cfg in map(K._make, ATOMIC_DQ_CANDIDATES):
         time_config("backward", B(cfg, best_dq, True), backward(B(cfg, best_dq, True)))
-    for cfg in (K(*c) for c in with_tma(SPLIT_DKDV_CANDIDATES)):
+    for cfg in map(K._make, SPLIT_DKDV_CANDIDATES):
         time_config("backward", B(cfg, best_dq, split_dkdv=True),
                     backward(B(cfg, best_dq, split_dkdv=True)))
     best_bwd = min(results["backward"])[1]
