@@ -508,6 +508,19 @@ def _block_table(cu_blocked, cu_other, block, num_slots, causal, blocks_are_quer
     return table.to(torch.int32).contiguous()
 
 
+def _table(tables, cu_blocked, cu_other, block, num_slots, causal, blocks_are_queries):
+    """_block_table, built once per dict ``tables`` (None: every call builds its own). The dict
+    belongs to one (cu_seqlens_q, cu_seqlens_k) pair, so block size, slot count and direction
+    identify a table in it."""
+    if tables is None:
+        return _block_table(cu_blocked, cu_other, block, num_slots, causal, blocks_are_queries)
+    key = (block, num_slots, causal, blocks_are_queries)
+    if key not in tables:
+        tables[key] = _block_table(cu_blocked, cu_other, block, num_slots, causal,
+                                   blocks_are_queries)
+    return tables[key]
+
+
 def _tile_work(first, blocked_len, other_len, block, causal, blocks_are_queries):
     """Score entries a tile computes: keys seen by a query block, or queries seeing a key block."""
     if not causal:
@@ -533,7 +546,7 @@ def _fill_outside(x, cu, value, rows_dim):
                                value, BLOCK_R=_FILL_BLOCK_R, BLOCK_C=_FILL_BLOCK_C)
 
 
-def _forward(q, k, v, cu_q, cu_k, causal, scale, out_dtype, cfg):
+def _forward(q, k, v, cu_q, cu_k, causal, scale, out_dtype, cfg, tables=None):
     total_q, num_heads, head_dim = q.shape
     out = torch.empty((total_q, num_heads, head_dim), dtype=out_dtype, device=q.device)
     lse = torch.empty((num_heads, total_q), dtype=torch.float32, device=q.device)
@@ -543,7 +556,7 @@ def _forward(q, k, v, cu_q, cu_k, causal, scale, out_dtype, cfg):
     num_slots = triton.cdiv(total_q, cfg.block_m) + num_segments
     if num_segments == 0 or total_q == 0:
         return out, lse
-    table = _block_table(cu_q, cu_k, cfg.block_m, num_slots, causal, True)
+    table = _table(tables, cu_q, cu_k, cfg.block_m, num_slots, causal, True)
     _attn_fwd_kernel[(num_slots * num_heads,)](
         q, k, v, out, lse, cu_q, cu_k, table, num_slots, scale * _LOG2E.value,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -569,7 +582,8 @@ def _preprocess(out, dout, dlse, num_heads):
     return delta
 
 
-def _backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale, dlse, grad_dtype, cfg):
+def _backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale, dlse, grad_dtype, cfg,
+              tables=None):
     total_q, num_heads, head_dim = q.shape
     total_k, num_kv_heads, _ = k.shape
     num_segments = cu_q.numel() - 1
@@ -592,7 +606,7 @@ def _backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale, dlse, grad_dty
               v.stride(1), dout.stride(0), dout.stride(1), lse.stride(0), delta.stride(0))
 
     slots = triton.cdiv(total_k, cfg.dkdv.block_n) + num_segments
-    table = _block_table(cu_k, cu_q, cfg.dkdv.block_n, slots, causal, False)
+    table = _table(tables, cu_k, cu_q, cfg.dkdv.block_n, slots, causal, False)
     parts = ((False, True), (True, False)) if cfg.split_dkdv else ((True, True),)
     for with_dk, with_dv in parts:
         _attn_bwd_dkdv_kernel[(slots * num_kv_heads,)](
@@ -607,7 +621,7 @@ def _backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale, dlse, grad_dty
         return dq.to(grad_dtype), dk, dv
 
     slots = triton.cdiv(total_q, cfg.dq.block_m) + num_segments
-    table = _block_table(cu_q, cu_k, cfg.dq.block_m, slots, causal, True)
+    table = _table(tables, cu_q, cu_k, cfg.dq.block_m, slots, causal, True)
     _attn_bwd_dq_kernel[(slots * num_heads,)](
         q, k, v, dout, lse, delta, dq, cu_q, cu_k, table, slots, *common,
         dq.stride(0), dq.stride(1), NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim,
@@ -679,23 +693,26 @@ def _resolve_scale(softmax_scale, head_dim):
 
 class _VarlenAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, causal, scale):
-        out, lse = _forward(q, k, v, cu_q, cu_k, causal, scale, q.dtype, forward_config(q))
+    def forward(ctx, q, k, v, cu_q, cu_k, causal, scale, tables):
+        out, lse = _forward(q, k, v, cu_q, cu_k, causal, scale, q.dtype, forward_config(q),
+                            tables)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
         ctx.causal = causal
         ctx.scale = scale
+        ctx.tables = tables
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
         dq, dk, dv = _backward(_inner_contiguous(dout), q, k, v, out, lse, cu_q, cu_k,
-                               ctx.causal, ctx.scale, dlse, q.dtype, backward_config(q))
-        return dq, dk, dv, None, None, None, None
+                               ctx.causal, ctx.scale, dlse, q.dtype, backward_config(q),
+                               ctx.tables)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                     causal=True, softmax_scale=None, return_lse=False):
+                     causal=True, softmax_scale=None, return_lse=False, block_tables=None):
     """Attention over packed documents; differentiable.
 
     q: [total_q, Hq, D]; k, v: [total_k, Hkv, D], Hq a multiple of Hkv (K/V heads are shared
@@ -706,6 +723,11 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     1/sqrt(D). max_seqlen_q, max_seqlen_k: upper bounds of the segment lengths; the kernels derive their
     work from cu_seqlens and use these only to check that in-segment offsets fit 32 bits.
 
+    block_tables: optional dict, empty at first, that the call fills with the kernels' tile
+    tables (small GPU tensors derived from cu_seqlens) and later calls reuse: pass one dict to
+    every call over the same cu_seqlens_q / cu_seqlens_k (the layers of one micro-batch), never
+    to calls over other ones.
+
     Returns out [total_q, Hq, D] in q's dtype; with return_lse=True, (out, lse) where lse is
     [Hq, total_q] fp32 natural-log log-sum-exp (gradients through lse are supported). Rows that
     see no key, and rows outside every segment, get out = 0 and lse = -inf.
@@ -715,7 +737,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     scale = _resolve_scale(softmax_scale, q.shape[2])
     out, lse = _VarlenAttention.apply(_inner_contiguous(q), _inner_contiguous(k),
                                       _inner_contiguous(v), cu_seqlens_q, cu_seqlens_k,
-                                      bool(causal), scale)
+                                      bool(causal), scale, block_tables)
     return (out, lse) if return_lse else out
 
 

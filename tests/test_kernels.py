@@ -180,6 +180,32 @@ def test_strided_inputs():
     assert_close(got, want)
 
 
+def test_block_tables_built_once_per_micro_batch(monkeypatch):
+    """Calls sharing a block_tables dict (one micro-batch's layers) build the tile tables on the
+    first call only and compute what calls without it compute."""
+    built = []
+    build = attention._block_table
+    monkeypatch.setattr(attention, "_block_table", lambda *a: built.append(a) or build(*a))
+    gen = torch.Generator().manual_seed(21)
+    lq = [19, 40, 6]
+    cu = _cu(lq)
+    tables, shared_builds = {}, []
+    for layer in range(2):
+        q, k, v, _, _ = make_inputs(gen, lq, lq, pad_q=0, pad_k=0)
+        before = len(built)
+        shared = run_with_grads(lambda *a, **kw: varlen_attention(*a, **kw, block_tables=tables),
+                                q, k, v, cu, cu, True, torch.Generator().manual_seed(layer))
+        shared_builds.append(len(built) - before)
+        plain = run_with_grads(varlen_attention, q, k, v, cu, cu, True,
+                               torch.Generator().manual_seed(layer))
+        for got, want in zip(shared[2] + shared[:2], plain[2] + plain[:2]):
+            assert torch.equal(got, want)
+    # forward, dK/dV and dQ tables (two are the same table where their tiles are) on the first
+    # layer, none on the second
+    assert 2 <= shared_builds[0] <= 3 and len(tables) == shared_builds[0]
+    assert shared_builds[1] == 0
+
+
 def test_heads_first_storage():
     """q, k, v stored [heads, tokens, D] and viewed [tokens, heads, D]: dense, not contiguous."""
     gen = torch.Generator().manual_seed(12)

@@ -18,11 +18,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+# (q, k, v, cu_seqlens, max_seqlen, tables) -> out; tables: a dict the backend may keep derived
+# data in, shared by the calls over one cu_seqlens (see segment_attention)
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, dict],
+                       torch.Tensor]
 LocalAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def reference_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+def reference_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int,
+                        tables: dict | None = None) -> torch.Tensor:
     """Per-segment causal attention with grouped-query heads, in plain torch."""
     groups = q.shape[1] // k.shape[1]
     bounds = cu_seqlens.tolist()
@@ -39,10 +43,12 @@ def reference_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int) -> t
     return torch.cat(out) if out else torch.zeros_like(q)
 
 
-def triton_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+def triton_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int,
+                     tables: dict | None = None) -> torch.Tensor:
     from wlbtrain.kernels import varlen_attention
 
-    return varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
+    return varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,
+                            block_tables=tables)
 
 
 BACKENDS: dict[str, AttentionFn] = {"reference": reference_attention, "triton": triton_attention}
@@ -56,5 +62,8 @@ def get_backend(name: str) -> AttentionFn:
 
 def segment_attention(backend: AttentionFn, cu_seqlens: torch.Tensor,
                       max_seqlen: int) -> LocalAttention:
-    """Attention within the segments ``cu_seqlens`` of one micro-batch held whole on this rank."""
-    return lambda q, k, v: backend(q, k, v, cu_seqlens, max_seqlen)
+    """Attention within the segments ``cu_seqlens`` of one micro-batch held whole on this rank.
+    Its layers share one tables dict: the Triton kernels' tile tables are built once per
+    micro-batch, not once per layer and pass."""
+    tables: dict = {}
+    return lambda q, k, v: backend(q, k, v, cu_seqlens, max_seqlen, tables)
