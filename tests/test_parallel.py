@@ -175,8 +175,8 @@ def test_layout_matches_single_device(tmp_path, tmp_path_factory, store, overrid
         torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-4, atol=5e-5,
                                    msg=lambda m, name=name: f"{name}: {m}")
     # Adam's moments see a wrong gradient where the weights barely do (Adam normalises the
-    # step): a tensor-parallel replica updated with its rank's partial gradient is ~1e-5 off
-    # in weight after four steps but 40-90% off in its moments.
+    # step): torch 2.11 clipping Partial tensor-parallel gradients left the weights within the
+    # tolerance above after four steps, but a norm weight's exp_avg 170% off.
     assert moments.keys() == ref_moments.keys() and moments
     for name in moments:
         want = ref_moments[name].float()
