@@ -373,7 +373,6 @@ class ThresholdSearch:
     def _replay(self, steps, units, unit_tokens, budget, cost_model, max_token_delay) -> None:
         moves, max_carry, margin = self.replay
         window = self.lengths[self.verify["window_from"]:]
-        delays = {tuple(ts): delay for ts, _, delay in self.seen}
         while steps > 0:
             replay = self.verify["replay"]
             before = len(replay.imbalances)
@@ -385,7 +384,8 @@ class ThresholdSearch:
             ts = replay.thresholds
             # the estimate's delay counts pieces still queued, the replay's the carry-over and
             # holds; the estimate is held to the budget less its margin, the replay to all of it
-            delay = max(delays[tuple(ts)], replay.delay() + REPLAY_DELAY_MARGIN - margin)
+            estimated = next(delay for seen, _, delay in self.seen if seen == ts)
+            delay = max(estimated, replay.delay() + REPLAY_DELAY_MARGIN - margin)
             score = _penalised(replay.imbalance(), delay, ts, max_token_delay)
             self.verify["results"].append([ts, score])
             done = len(self.verify["results"])
