@@ -44,7 +44,7 @@ from .parallel.pipeline import (PipelineRunner, build_schedule, pipeline_metrics
                                 stage_chunks)
 from .parallel.context import make_context_attention
 from .parallel.sharding import ShardCostEstimator, cost_balance, plan_shards
-from .parallel.tensor import apply_tp, loss_context
+from .parallel.tensor import apply_tp, loss_context, sum_partial_grads
 
 
 @dataclass
@@ -111,19 +111,6 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     fused = all(p.is_cuda and not isinstance(p, DTensor) for p in params)
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
                              fused=fused or None)
-
-
-def _sum_partial_grads(params) -> None:
-    """Give every gradient its parameter's placements. Under tensor parallelism without FSDP the
-    sequence-parallel norm weights get Partial(sum) gradients (each rank saw its own tokens);
-    they are summed here, once, before the norm, the clipping and the optimizer. Leaving them
-    partial is not safe: on torch 2.11, clipping them (clip_grads_with_norm_) corrupts them, and
-    the norm weights' Adam moments came out 70-200% off after two clipped steps (exact with
-    clipping off, and on torch 2.13). With FSDP the gradients arrive reduced: nothing to do."""
-    for p in params:
-        grad = p.grad
-        if isinstance(grad, DTensor) and any(pl.is_partial() for pl in grad.placements):
-            p.grad = grad.redistribute(grad.device_mesh, p.placements)
 
 
 class StopRequest:
@@ -465,7 +452,7 @@ class Trainer:
     def _clip_gradients(self) -> float:
         """Clip by the global norm over every stage's gradients; returns that norm."""
         params = [p for p in self.model.parameters() if p.grad is not None]
-        _sum_partial_grads(params)
+        sum_partial_grads(params)
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if isinstance(norm, DTensor):  # sharded by FSDP or tensor parallelism
             norm = norm.full_tensor()
