@@ -287,3 +287,32 @@ def test_a_search_that_replays_resumes_mid_replay():
         replaying += search.verify is not None
     assert whole.done and replaying > 5
     assert search.best == whole.best and search.best_score == pytest.approx(whole.best_score)
+
+
+def _pour_by_scan(costs, room, tokens, rate):
+    """replay._pour as first written: the volume at every break, lowest first."""
+    def taken(level):
+        return [min(max((level - c) / rate, 0.0), r) for c, r in zip(costs, room)]
+    low = min(costs)
+    for high in sorted(set(costs) | {c + r * rate for c, r in zip(costs, room)}):
+        volume = sum(taken(high))
+        if volume >= tokens:
+            below = sum(taken(low))
+            level = low + (tokens - below) * (high - low) / max(volume - below, 1e-300)
+            return taken(level)
+        low = high
+    return taken(low)
+
+
+def test_pouring_by_bisection_is_the_scan_bit_for_bit():
+    """The replay's water-filling bisects the breaks; its plans must not move by an ulp."""
+    from wlbtrain.data.replay import _pour
+    rng = np.random.default_rng(8)
+    for _ in range(2000):
+        n = int(rng.choice([2, 4, 8]))
+        costs = [float(c) for c in rng.choice([0.0, 1e-3, 2e-3], n) + rng.random(n) * 1e-3
+                 * rng.integers(0, 2, n)]  # ties and unequal costs
+        room = [int(r) for r in rng.integers(0, 3, n) * rng.integers(0, 5000, n)]
+        rate = float(rng.choice([1e-7, 3.3e-7]))
+        tokens = float(rng.choice([rng.random() * sum(room), sum(room), 1.0]))
+        assert _pour(costs, room, tokens, rate) == _pour_by_scan(costs, room, tokens, rate)

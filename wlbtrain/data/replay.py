@@ -18,10 +18,15 @@ window's records, step by step, with the carry-over:
   minimises the step's imbalance.
 
 A replay advances a bounded number of steps at a time and its state is plain lists and numbers,
-so a search spreads it over planning steps and is saved with the packer.
+so a search spreads it over planning steps and is saved with the packer. A step is pure Python
+over a handful of micro-batches, where numpy's per-call overhead would dominate: the records are
+read as plain lists, and the water-filling evaluates its volume at O(log n) levels, not at every
+breakpoint, with the very same arithmetic (the results are bit for bit those of the plain scan).
 """
 
 from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
 
 import numpy as np
 
@@ -65,10 +70,14 @@ class Replay:
         tokens = self.waited[1] + sum(length for length, _ in waiting)
         return waited / tokens if tokens else 0.0
 
-    def advance(self, records: np.ndarray, steps: int, units: int, cap: int, budget: int,
+    def advance(self, records, steps: int, units: int, cap: int, budget: int,
                 cost_model: CostModel, shed_moves: int = 0, max_carry: int = 0) -> None:
-        """Replay up to ``steps`` more steps of ``records`` ([R, 3] from pool_shorts).
-        shed_moves, max_carry: refine's moves and carry-over limit (0: no refine)."""
+        """Replay up to ``steps`` more steps of ``records`` ([R, 3] from pool_shorts, as an
+        array or as its ``tolist()``: a caller advancing a few steps at a time over the same
+        records converts them once). shed_moves, max_carry: refine's moves and carry-over
+        limit (0: no refine)."""
+        if isinstance(records, np.ndarray):
+            records = records.tolist()  # Python ints: numpy scalars cost ~10x per record
         for _ in range(steps):
             if self.done:
                 return
@@ -85,8 +94,9 @@ class Replay:
                 self.queues[self._band(piece[0]) - 1].insert(0, piece)
         self.carry = [piece for piece in pool if not bins.place(piece)]
         self._pour_water(bins, water, shed_moves, max_carry)
-        if sum(bins.cost) > 0:
-            self.imbalances.append(max(bins.cost) * units / sum(bins.cost))
+        total = sum(bins.cost)
+        if total > 0:
+            self.imbalances.append(max(bins.cost) * units / total)
         if self.step >= REPLAY_WARM_UP:
             self.waited = [self.waited[0] + bins.waited, self.waited[1] + bins.trained]
         self.step += 1
@@ -103,8 +113,9 @@ class Replay:
         room = [bins.cap - t for t in bins.tokens]
         poured = _pour(bins.cost, room, min(water_tokens, sum(room)), rate)
         base, bins.cost = bins.cost, [c + x * rate for c, x in zip(bins.cost, poured)]
-        carried = water_tokens - sum(poured)
-        bins.trained += sum(poured)
+        total = sum(poured)
+        carried = water_tokens - total
+        bins.trained += total
         if shed_moves and max_carry:
             # refine holds back one short piece a move (or one from each of several)
             shed = _shed(bins.cost, base, rate, min(max_carry, shed_moves * typical))
@@ -128,7 +139,8 @@ class Replay:
         while tokens < budget:
             if self.position >= len(records):
                 return None, None, None
-            length, square, pooled = (int(v) for v in records[self.position])
+            length, square, pooled = records[self.position]
+            self.position += 1
             if pooled:
                 # short pieces are pulled one at a time: take what the step still needs
                 if self.split is not None:
@@ -141,26 +153,25 @@ class Replay:
                     self.position -= 1  # the rest of this pool comes next
                 else:
                     self.split = None
-            self.position += 1
-            band = 0 if pooled else self._band(length)
-            if band == 0:  # a queued piece counts when its group is released
                 tokens += length
-            if pooled:
                 water_tokens += length
                 water_squares += square
-            elif band == 0:
+                continue
+            band = self._band(length)
+            if band == 0:  # a queued piece counts when its group is released
+                tokens += length
                 fresh.append([length, self.step])
-            else:
-                queue = self.queues[band - 1]
-                queue.append([length, self.step])
-                if len(queue) >= units:
-                    groups.append(queue[:units])
-                    del queue[:units]
-                    tokens += sum(p[0] for p in groups[-1])
+                continue
+            queue = self.queues[band - 1]
+            queue.append([length, self.step])
+            if len(queue) >= units:
+                groups.append(queue[:units])
+                del queue[:units]
+                tokens += sum(p[0] for p in groups[-1])
         return groups, pool + sorted(fresh, reverse=True), (water_tokens, water_squares)
 
     def _band(self, length: int) -> int:
-        return int(np.searchsorted(self.thresholds, length, side="right"))
+        return bisect_right(self.thresholds, length)  # np.searchsorted(side="right") on a list
 
     def state_dict(self) -> dict:
         return {"thresholds": self.thresholds, "position": self.position, "queues": self.queues,
@@ -229,31 +240,47 @@ def _pour(costs: list[float], room: list[float], tokens: float, rate: float) -> 
         return [0.0] * len(costs)
 
     def taken(level):
-        return [min(max((level - c) / rate, 0.0), r) for c, r in zip(costs, room)]
+        # min(max((level - c) / rate, 0.0), r), room r ≥ 0, without the builtin calls
+        return [0.0 if (t := (level - c) / rate) < 0.0 else r if r < t else t
+                for c, r in zip(costs, room)]
 
-    low = min(costs)
-    for high in sorted(set(costs) | {c + r * rate for c, r in zip(costs, room)}):
-        volume = sum(taken(high))
-        if volume >= tokens:
-            below = sum(taken(low))
-            level = low + (tokens - below) * (high - low) / max(volume - below, 1e-300)
-            return taken(level)
-        low = high
-    return taken(low)
+    volumes = {}  # the bisection's, reused for the interpolation
+
+    def volume(level):
+        if level not in volumes:
+            volumes[level] = sum(taken(level))
+        return volumes[level]
+
+    breaks = sorted(set(costs) | {c + r * rate for c, r in zip(costs, room)})
+    # The first break whose volume holds the tokens, by bisection: the computed volume never
+    # decreases with the level (every operation in it rounds monotonically), so this is the
+    # break a scan from the lowest would stop at, and the level below is interpolated between
+    # the same two volumes as there.
+    j = bisect_left(breaks, tokens, key=volume)
+    if j == len(breaks):
+        return taken(breaks[-1])
+    low, high = (breaks[j - 1] if j else min(costs)), breaks[j]
+    below, above = volume(low), volume(high)
+    level = low + (tokens - below) * (high - low) / max(above - below, 1e-300)
+    return taken(level)
 
 
 def _shed(costs: list[float], base: list[float], rate: float, limit: float) -> list[float]:
     """The costs after holding back short pieces (water above ``base``) from the heaviest
     micro-batches down to the level, among SHED_LEVELS, that minimises max / mean, within
     ``limit`` tokens."""
-    mean, top = sum(costs) / len(costs), max(costs)
+    total, n = sum(costs), len(costs)
+    mean, top, floor = total / n, max(costs), max(base)
     best, out = top / mean, costs
     for i in range(SHED_LEVELS - 1):
         level = mean + (top - mean) * i / (SHED_LEVELS - 1)
-        lowered = [max(b, min(c, level)) for c, b in zip(costs, base)]
-        if (sum(costs) - sum(lowered)) / rate > limit:
+        # max(b, min(c, level)) without the builtin calls; a cost is its base plus water (c ≥ b)
+        lowered = [c if c <= level else b if b > level else level for c, b in zip(costs, base)]
+        kept = sum(lowered)
+        if (total - kept) / rate > limit:
             continue
-        ratio = max(lowered) * len(lowered) / sum(lowered)
+        # the max of the lowered costs, without a pass over them: the same value
+        ratio = max(floor, min(top, level)) * n / kept
         if ratio < best:
             best, out = ratio, lowered
     return out

@@ -28,7 +28,7 @@ ranks threshold sets rather than predicting the exact numbers; tests/test_tuning
 the packer's numbers within 0.05 of imbalance and 0.1 steps of delay on a long tail. It costs
 about a millisecond, so the search's forward selection runs on it; the VERIFY_CANDIDATES sets it
 scores best are then replayed (replay.py: the packer's greedy, step by step, with the carry-over
-and refine's hold-back, ~0.1-0.3 ms a step) on the window's last REPLAY_STEPS steps, and the
+and refine's hold-back, ~0.02-0.05 ms a step) on the window's last REPLAY_STEPS steps, and the
 replayed imbalance and delay decide among them. That catches what the estimate cannot see, such
 as steps of carried remainders behind groups that fill whole steps (documents much longer than
 the context). Everything is a pure function of the observed lengths, so a resumed run tunes
@@ -86,7 +86,7 @@ EVAL_RECORDS_PER_STEP = 2 * (TUNE_WINDOW + ESTIMATE_OVERHEAD_RECORDS)
 RETUNE_MIN_GAIN = 0.01
 # The threshold sets the estimate scores best that a replay of the packer re-ranks (replay.py),
 # with the current ones: the estimate misses whole kinds of steps (see replay.py), and the
-# replay tracks the packer within ~0.01 of imbalance but costs ~0.1-0.3 ms a step.
+# replay tracks the packer within ~0.01 of imbalance but costs ~0.02-0.05 ms a step.
 VERIFY_CANDIDATES = 6
 # Steps of the window's most recent records each replay runs (the same ones for every set).
 REPLAY_STEPS = 96
@@ -297,6 +297,7 @@ class ThresholdSearch:
         # while verifying: {"window_from", "queue" of sets, "results" so far, "replay": the
         # running Replay (a state dict only in state_dict)}
         self.verify = verify
+        self._replay_window = None  # the verify window as lists; a cache, not saved
 
     @classmethod
     def start(cls, lengths, max_piece: int, current: list[int],
@@ -372,7 +373,11 @@ class ThresholdSearch:
 
     def _replay(self, steps, units, unit_tokens, budget, cost_model, max_token_delay) -> None:
         moves, max_carry, margin = self.replay
-        window = self.lengths[self.verify["window_from"]:]
+        # the window as plain lists, converted once per search rather than on every call (it
+        # costs about a replay step): a cache only, not saved, rebuilt after from_state
+        if self._replay_window is None:
+            self._replay_window = self.lengths[self.verify["window_from"]:].tolist()
+        window = self._replay_window
         while steps > 0:
             replay = self.verify["replay"]
             before = len(replay.imbalances)
