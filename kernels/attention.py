@@ -445,12 +445,11 @@ _INTERPRETER_BACKWARD = BackwardConfig(KernelConfig(16, 16, 1, 1), KernelConfig(
 # for the backward) and splitting dK/dV into one-accumulator launches (222).
 _HOPPER_FORWARD = KernelConfig(128, 64, 8, 3)
 _HOPPER_BACKWARD = BackwardConfig(KernelConfig(64, 128, 8, 2), KernelConfig(128, 64, 8, 3))
-# Head dim <= 64 (the gpu1 recipe): the same sweep on an H200 (16K tokens of wlbllm_fig3, Hq 12,
-# Hkv 4, D 64) preferred 4-warp tiles: forward 0.78 ms against 0.94, backward 2.83 against 3.07.
-# Tall, thin dK/dV tiles (32 queries a step over 128 keys: each K/V block serves twice as many
-# queries, and the score tile is small enough for 4 warps) then made the backward 1.10x (16K)
-# and 1.19x (64K) faster on an H100; at head dim 128 the same tile spills.
-_HOPPER_FORWARD_D64 = KernelConfig(128, 64, 4, 3)
+# Head dim <= 64 (the gpu1 recipe): the same sweep (16K and 64K tokens of wlbllm_fig3, Hq 12,
+# Hkv 4, D 64) keeps the forward tile but prefers 4-warp backward tiles. Tall, thin dK/dV tiles
+# (32 queries a step over 128 keys: each K/V block serves twice as many queries, and the score
+# tile is small enough for 4 warps) made the backward 1.10x (16K) and 1.19x (64K) faster on an
+# H100; at head dim 128 the same tile spills.
 _HOPPER_BACKWARD_D64 = BackwardConfig(KernelConfig(32, 128, 4, 3), KernelConfig(64, 64, 4, 3))
 # Elsewhere (other GPUs, fp32 operands, head dim 256): tiles that fit any recent GPU.
 _SAFE_FORWARD = KernelConfig(64, 32, 4, 2)
@@ -473,7 +472,7 @@ def forward_config(q):
         return _INTERPRETER_FORWARD
     if not _tuned(q):
         return _SAFE_FORWARD
-    return _HOPPER_FORWARD_D64 if q.shape[-1] <= 64 else _HOPPER_FORWARD
+    return _HOPPER_FORWARD
 
 
 def backward_config(q):
