@@ -58,8 +58,9 @@ def synthetic_store(args, path: Path) -> Path:
     return path
 
 
-def profile_step(step: int) -> None:
-    """Run step ``step`` under torch.profiler and print its 30 costliest operators."""
+def profile_step(step: int, trace: str | None = None) -> None:
+    """Run step ``step`` under torch.profiler and print its 30 costliest operators and where
+    the GPU waited; ``trace``: also write the step's Chrome trace there."""
     from torch.profiler import ProfilerActivity, profile
 
     from wlbtrain.train import Trainer
@@ -76,9 +77,52 @@ def profile_step(step: int) -> None:
         if self.rank == 0:
             key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
             print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
+            if torch.cuda.is_available():
+                print(idle_report(prof.events()))
+            if trace:
+                prof.export_chrome_trace(trace)
         return result
 
     Trainer.train_step = profiled
+
+
+def idle_report(events, top: int = 12) -> str:
+    """Where the GPU waited in a profiled step: its busy share of the profiled span, and the
+    longest gaps between kernels with the host operators running during each (the outermost
+    operator of each thread, so a gap reads as "the host was in the optimizer step")."""
+    from torch.autograd import DeviceType
+
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                     if e.device_type == DeviceType.CUDA)
+    host = [e for e in events if e.device_type == DeviceType.CPU and e.cpu_parent is None]
+    if not kernels:
+        return "no GPU activity"
+    span_start = min([kernels[0][0]] + [e.time_range.start for e in host])
+    span_end = max(end for _, end, _ in kernels)
+    gaps, busy, reach = [], 0.0, span_start
+    for start, end, name in kernels:
+        if start > reach:
+            gaps.append((start - reach, reach, start, name))
+        busy += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    span = span_end - span_start
+    idle = sum(g[0] for g in gaps)
+    small = sum(g[0] for g in gaps if g[0] < 20)
+    lines = [f"GPU busy {busy / 1e3:.1f} of {span / 1e3:.1f} ms profiled ({100 * busy / span:.1f}%); "
+             f"idle {idle / 1e3:.1f} ms in {len(gaps)} gaps, {small / 1e3:.1f} ms of them under 20 us"]
+    by_op: dict[str, float] = {}
+    for length, start, end, _ in gaps:
+        for e in host:
+            overlap = min(end, e.time_range.end) - max(start, e.time_range.start)
+            if overlap > 0:
+                by_op[e.name] = by_op.get(e.name, 0.0) + overlap
+    lines.append("idle time by the host operator running (outermost; threads overlap):")
+    for name, us in sorted(by_op.items(), key=lambda x: -x[1])[:top]:
+        lines.append(f"  {us / 1e3:8.2f} ms  {name[:90]}")
+    lines.append("longest gaps (ms, kernel that ended the wait):")
+    for length, start, _, name in sorted(gaps, reverse=True)[:top]:
+        lines.append(f"  {length / 1e3:8.3f} at +{(start - span_start) / 1e3:.1f} ms  {name[:90]}")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -92,9 +136,10 @@ def main() -> int:
     parser.add_argument("--docs", type=int, default=4000, help="documents drawn from --lengths")
     parser.add_argument("--profile", type=int, metavar="STEP",
                         help="profile this step: top kernels by device time on rank 0")
+    parser.add_argument("--trace", help="with --profile: write that step's Chrome trace here")
     args = parser.parse_args()
     if args.profile:
-        profile_step(args.profile)
+        profile_step(args.profile, args.trace)
     out = Path(args.out_dir)
     overrides = [*args.overrides, f"train.out_dir={out}", "checkpoint.resume=none",
                  "checkpoint.every=0"]

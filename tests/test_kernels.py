@@ -206,6 +206,33 @@ def test_block_tables_built_once_per_micro_batch(monkeypatch):
     assert shared_builds[1] == 0
 
 
+def test_rows_covered_skips_only_work_that_is_not_needed():
+    """rows_covered (segments span every row) gives what the filled path gives, with gradients
+    through the output alone, the LSE alone, or both; a layout it does not hold for is refused
+    where cu_seqlens is on the host."""
+    gen = torch.Generator().manual_seed(23)
+    lq = [19, 40, 6]
+    cu = _cu(lq)
+    q, k, v, _, _ = make_inputs(gen, lq, lq, pad_q=0, pad_k=0)
+    covered = run_with_grads(lambda *a, **kw: varlen_attention(*a, **kw, rows_covered=True),
+                             q, k, v, cu, cu, True, torch.Generator().manual_seed(1))
+    plain = run_with_grads(varlen_attention, q, k, v, cu, cu, True,
+                           torch.Generator().manual_seed(1))
+    for got, want in zip(covered[2] + covered[:2], plain[2] + plain[:2]):
+        assert torch.equal(got, want)
+    ref_out, ref_lse = reference_varlen_attention(q, k, v, cu, cu, 40, 40, return_lse=True)
+    for pick in (lambda out, lse: out.square().sum(), lambda out, lse: lse.sum()):
+        out, lse = varlen_attention(q, k, v, cu, cu, 40, 40, return_lse=True, rows_covered=True)
+        got = torch.autograd.grad(pick(out, lse), (q, k, v))
+        want = torch.autograd.grad(pick(ref_out, ref_lse), (q, k, v), retain_graph=True,
+                                   allow_unused=True)  # the LSE does not depend on v
+        for a, b, x in zip(got, want, (q, k, v)):
+            assert_close(a, torch.zeros_like(x) if b is None else b)
+    q, k, v, _, _ = make_inputs(gen, lq, lq, pad_q=3, pad_k=2)
+    with pytest.raises(ValueError, match="rows_covered"):
+        varlen_attention(q, k, v, cu, cu, 40, 40, rows_covered=True)
+
+
 def test_heads_first_storage():
     """q, k, v stored [heads, tokens, D] and viewed [tokens, heads, D]: dense, not contiguous."""
     gen = torch.Generator().manual_seed(12)

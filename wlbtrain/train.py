@@ -418,7 +418,9 @@ class Trainer:
         context parallelism, over the keys the CP ranks exchange)."""
         move = lambda t: t.to(self.place.device, non_blocking=True)  # noqa: E731
         if host.cp_plan is None:
-            attention = segment_attention(self.kernel, move(host.cu_seqlens), host.max_seqlen)
+            cu = host.cu_seqlens  # still on the host: whether it spans every row costs nothing
+            covered = int(cu[0]) == 0 and int(cu[-1]) == host.tokens.shape[0]
+            attention = segment_attention(self.kernel, move(cu), host.max_seqlen, covered)
         else:
             attention = make_context_attention(host.cp_plan, self.coords["cp"],
                                                self.mesh["cp"].get_group(),

@@ -18,15 +18,16 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-# (q, k, v, cu_seqlens, max_seqlen, tables) -> out; tables: a dict the backend may keep derived
-# data in, shared by the calls over one cu_seqlens (see segment_attention)
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, dict],
+# (q, k, v, cu_seqlens, max_seqlen, tables, covered) -> out; tables: a dict the backend may keep
+# derived data in, shared by the calls over one cu_seqlens (see segment_attention); covered: the
+# segments span every row (cu_seqlens[0] = 0, cu_seqlens[-1] = rows)
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, dict, bool],
                        torch.Tensor]
 LocalAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def reference_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int,
-                        tables: dict | None = None) -> torch.Tensor:
+                        tables: dict | None = None, covered: bool = False) -> torch.Tensor:
     """Per-segment causal attention with grouped-query heads, in plain torch."""
     groups = q.shape[1] // k.shape[1]
     bounds = cu_seqlens.tolist()
@@ -44,11 +45,11 @@ def reference_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int,
 
 
 def triton_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int,
-                     tables: dict | None = None) -> torch.Tensor:
+                     tables: dict | None = None, covered: bool = False) -> torch.Tensor:
     from wlbtrain.kernels import varlen_attention
 
     return varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,
-                            block_tables=tables)
+                            block_tables=tables, rows_covered=covered)
 
 
 BACKENDS: dict[str, AttentionFn] = {"reference": reference_attention, "triton": triton_attention}
@@ -60,10 +61,11 @@ def get_backend(name: str) -> AttentionFn:
     return BACKENDS[name]
 
 
-def segment_attention(backend: AttentionFn, cu_seqlens: torch.Tensor,
-                      max_seqlen: int) -> LocalAttention:
+def segment_attention(backend: AttentionFn, cu_seqlens: torch.Tensor, max_seqlen: int,
+                      covered: bool = False) -> LocalAttention:
     """Attention within the segments ``cu_seqlens`` of one micro-batch held whole on this rank.
     Its layers share one tables dict: the Triton kernels' tile tables are built once per
-    micro-batch, not once per layer and pass."""
+    micro-batch, not once per layer and pass. ``covered``: the segments span all the
+    micro-batch's rows (known on the host when it is built), so nothing outside them is filled."""
     tables: dict = {}
-    return lambda q, k, v: backend(q, k, v, cu_seqlens, max_seqlen, tables)
+    return lambda q, k, v: backend(q, k, v, cu_seqlens, max_seqlen, tables, covered)

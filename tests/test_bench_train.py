@@ -1,0 +1,30 @@
+"""The profiler summary of scripts/bench_train.py: where the GPU waited."""
+
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+from torch.autograd import DeviceType
+
+_SPEC = importlib.util.spec_from_file_location(
+    "bench_train", Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py")
+bench_train = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(bench_train)
+
+
+def _event(name, start, end, device):
+    return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end),
+                           device_type=device, cpu_parent=None)
+
+
+def test_idle_report_finds_the_gap_and_the_host_work_beside_it():
+    gpu, cpu = DeviceType.CUDA, DeviceType.CPU
+    events = [_event("step", 0, 1000, cpu), _event("optimizer", 310, 590, cpu),
+              _event("matmul", 10, 100, gpu), _event("norm", 105, 300, gpu),
+              _event("attention", 250, 280, gpu),  # overlaps the one before: not a gap
+              _event("adam", 600, 900, gpu)]
+    report = bench_train.idle_report(events).splitlines()
+    # busy 90 + 195 + 300 of the 900 us from the step's start to the last kernel's end
+    assert report[0].startswith("GPU busy 0.6 of 0.9 ms profiled (65.0%); idle 0.3 ms in 3 gaps")
+    assert "optimizer" in report[3]  # the step itself overlaps every gap, then the optimizer
+    assert report[-3].split()[0] == "0.300" and report[-3].endswith("adam")
