@@ -57,12 +57,28 @@ def test_init_is_seeded_and_names_are_hugging_face():
     assert sum(p.numel() for p in a.parameters()) == num_params(CFG, embedding=True)
 
 
+def test_loss_within_the_logits_budget_runs_whole(monkeypatch):
+    from wlbtrain.models import llama
+
+    recomputed = []
+    monkeypatch.setattr(llama, "checkpoint", lambda *a, **kw: recomputed.append(1) or a[0](*a[1:]))
+    model = make_model()
+    tokens = torch.randint(0, CFG.vocab_size, (22,))
+    cu = torch.tensor([0, 22], dtype=torch.int32)
+    attention = segment_attention(reference_attention, cu, 22)
+    model(tokens, torch.arange(22), attention, labels=torch.roll(tokens, -1))
+    assert recomputed == []
+    monkeypatch.setattr(llama, "LOSS_LOGITS", 10 * CFG.vocab_size)
+    model(tokens, torch.arange(22), attention, labels=torch.roll(tokens, -1))
+    assert len(recomputed) == 3  # slices of 10, 10 and 2 tokens
+
+
 def test_chunked_loss_equals_full_cross_entropy(monkeypatch):
     import torch.nn.functional as F
 
     from wlbtrain.models import llama
 
-    monkeypatch.setattr(llama, "LOSS_CHUNK", 7)  # several slices, the last one short
+    monkeypatch.setattr(llama, "LOSS_LOGITS", 7 * CFG.vocab_size)  # slices of 7, the last short
     model = make_model()
     docs = [torch.randint(0, CFG.vocab_size, (n,)) for n in (9, 13)]
     tokens = torch.cat(docs)

@@ -27,9 +27,11 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ModelConfig
 from .attention import LocalAttention
 
-# Tokens per slice of the output head in the loss: bounds the fp32 logits held at once to
-# LOSS_CHUNK × vocab (a 128K-token micro-batch with a 32K vocabulary would need 16 GiB at once).
-LOSS_CHUNK = 8192
+# fp32 logits the loss holds at once (1 GiB: 8192 tokens of a 32K vocabulary); a 128K-token
+# micro-batch with a 32K vocabulary would need 16 GiB. Longer micro-batches run the head in
+# slices of LOSS_LOGITS // vocab tokens, each recomputed in the backward; one within it runs whole,
+# without the recomputation and the per-slice host work a small vocabulary would be bound by.
+LOSS_LOGITS = 8192 * 32768
 
 
 class RMSNorm(nn.Module):
@@ -186,8 +188,11 @@ class Llama(nn.Module):
         h = _replicate_tokens(self.norm(x))
         if labels is None:
             return self.lm_head(h)
+        chunk = max(1, LOSS_LOGITS // self.cfg.vocab_size)
+        if h.shape[0] <= chunk:
+            return self.loss_sum(self.lm_head, h, labels)
         total = torch.zeros((), dtype=torch.float32, device=labels.device)
-        for h_part, labels_part in zip(h.split(LOSS_CHUNK), labels.split(LOSS_CHUNK)):
+        for h_part, labels_part in zip(h.split(chunk), labels.split(chunk)):
             # Recomputed in the backward, so no slice's logits outlive its own loss.
             total = total + checkpoint(self.loss_sum, self.lm_head, h_part, labels_part,
                                        use_reentrant=False)
