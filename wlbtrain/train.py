@@ -511,6 +511,8 @@ class Trainer:
 
     def _stop_agreed(self, requested: bool) -> bool:
         """A signal may reach ranks on either side of a step boundary: stop only together."""
+        if self.dims.world_size == 1:  # nothing to agree on, and no device sync every step
+            return requested
         flag = torch.tensor([int(requested)], device=self.place.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
