@@ -108,8 +108,9 @@ def idle_report(events, top: int = 12) -> str:
     span = span_end - span_start
     idle = sum(g[0] for g in gaps)
     small = sum(g[0] for g in gaps if g[0] < 20)
-    lines = [f"GPU busy {busy / 1e3:.1f} of {span / 1e3:.1f} ms profiled ({100 * busy / span:.1f}%); "
-             f"idle {idle / 1e3:.1f} ms in {len(gaps)} gaps, {small / 1e3:.1f} ms of them under 20 us"]
+    lines = [f"GPU busy {busy / 1e3:.1f} of {span / 1e3:.1f} ms profiled "
+             f"({100 * busy / span:.1f}%); idle {idle / 1e3:.1f} ms in {len(gaps)} gaps, "
+             f"{small / 1e3:.1f} ms of them under 20 us"]
     by_op: dict[str, float] = {}
     for length, start, end, _ in gaps:
         for e in host:
