@@ -92,8 +92,10 @@ VERIFY_CANDIDATES = 6
 REPLAY_STEPS = 96
 # A window of fewer steps is not replayed (the first search, soon after the start).
 MIN_REPLAY_STEPS = 24
-# Replay steps a planning step may spend while a search verifies (a few ms at most).
-REPLAY_STEPS_PER_PLAN = 8
+# Replay steps a planning step may spend while a search verifies (~0.5-1 ms): a verification
+# ends in ~30 planning steps, so the queues follow the data with less lag than at 8 (twelve
+# seeds: BENCHMARKS.md, "Shipped 2026-12-06").
+REPLAY_STEPS_PER_PLAN = 24
 # The replay's delay runs within ~0.03 steps of the packer's on the same window, and later
 # windows differ from it; it is held to the budget less this.
 REPLAY_DELAY_MARGIN = 0.02
