@@ -685,10 +685,11 @@ def _check_offsets(q, k, max_seqlen_q, max_seqlen_k):
 
 
 def _check_covered(q, k, cu_q, cu_k):
-    if (int(cu_q[0]), int(cu_q[-1]), int(cu_k[0]), int(cu_k[-1])) != (0, q.shape[0], 0, k.shape[0]):
+    q0, q1, k0, k1 = (int(x) for x in (cu_q[0], cu_q[-1], cu_k[0], cu_k[-1]))
+    if (q0, q1, k0, k1) != (0, q.shape[0], 0, k.shape[0]):
         raise ValueError(f"varlen_attention: rows_covered=True, but the segments span "
-                         f"[{int(cu_q[0])}, {int(cu_q[-1])}) of {q.shape[0]} query rows and "
-                         f"[{int(cu_k[0])}, {int(cu_k[-1])}) of {k.shape[0]} key rows")
+                         f"[{q0}, {q1}) of {q.shape[0]} query rows and [{k0}, {k1}) of "
+                         f"{k.shape[0]} key rows")
 
 
 def _resolve_scale(softmax_scale, head_dim):

@@ -181,7 +181,8 @@ def test_rank_prints_layout_and_a_failure_names_its_coordinates(tmp_path, cache_
 @pytest.mark.interpreter
 def test_triton_attention_trains_as_the_reference_does(tmp_path, cache_dir, monkeypatch):
     """The trainer's Triton path (tile tables shared by a micro-batch's layers, rows known to be
-    covered by segments, so nothing outside them is written) gives the reference's losses."""
+    covered by segments, so nothing outside them is written) gives the reference's losses and
+    weights."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     losses, weights = {}, {}
     for kernel in ("reference", "triton"):
