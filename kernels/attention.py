@@ -765,24 +765,30 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
 
 def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                             causal=True, softmax_scale=None, out_dtype=None):
-    """Forward only, for ring attention: returns (out [total_q, Hq, D], lse [Hq, total_q] fp32).
+                             causal=True, softmax_scale=None, out_dtype=None, block_tables=None,
+                             rows_covered=False):
+    """Forward only (ring attention, or a caller with its own autograd): returns
+    (out [total_q, Hq, D], lse [Hq, total_q] fp32).
 
-    Shapes and semantics as varlen_attention. out_dtype (default q's dtype) lets partial
-    results stay fp32 until they are merged. Not differentiable: pair it with
-    varlen_attention_backward.
+    Shapes and semantics, block_tables and rows_covered as varlen_attention. out_dtype (default
+    q's dtype) lets partial results stay fp32 until they are merged. Not differentiable: pair
+    it with varlen_attention_backward.
     """
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
     _check_offsets(q, k, max_seqlen_q, max_seqlen_k)
     scale = _resolve_scale(softmax_scale, q.shape[2])
+    if rows_covered and not cu_seqlens_q.is_cuda:
+        _check_covered(q, k, cu_seqlens_q, cu_seqlens_k)
     with torch.no_grad():
         return _forward(_inner_contiguous(q), _inner_contiguous(k), _inner_contiguous(v),
                         cu_seqlens_q, cu_seqlens_k, bool(causal), scale,
-                        out_dtype or q.dtype, forward_config(q))
+                        out_dtype or q.dtype, forward_config(q), block_tables,
+                        bool(rows_covered))
 
 
 def varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                              max_seqlen_k, causal=True, softmax_scale=None, grad_dtype=None):
+                              max_seqlen_k, causal=True, softmax_scale=None, grad_dtype=None,
+                              block_tables=None, rows_covered=False):
     """Gradients (dq, dk, dv) of the attention of q over this k, v, given the final output.
 
     dout, out: [total_q, Hq, D]; lse: [Hq, total_q] fp32 natural log. out and lse may be the
@@ -790,6 +796,7 @@ def varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     share of dq (sum the shares over all key sets), and dk, dv are exact for this key set.
     dk, dv: [total_k, Hkv, D], summed over the query heads that share each KV head.
     grad_dtype (default q's dtype) lets gradient shares stay fp32 across ring hops.
+    block_tables and rows_covered as varlen_attention.
     """
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
     _check_offsets(q, k, max_seqlen_q, max_seqlen_k)
@@ -806,4 +813,4 @@ def varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
                          _inner_contiguous(v), _inner_contiguous(out),
                          lse if lse.stride(1) == 1 else lse.contiguous(), cu_seqlens_q,
                          cu_seqlens_k, bool(causal), scale, None, grad_dtype or q.dtype,
-                         backward_config(q))
+                         backward_config(q), block_tables, bool(rows_covered))

@@ -8,7 +8,9 @@ segment lengths) and returns [T, Hq, D]; no token attends across a segment bound
 
 The model does not see ``cu_seqlens``: each micro-batch hands it a ``LocalAttention``, a callable
 ``(q, k, v) -> out`` over this rank's tokens that knows the micro-batch's segments (and, under
-context parallelism, how to reach the keys other ranks hold).
+context parallelism, how to reach the keys other ranks hold). The Triton backend's is a
+``KernelAttention``: a registered operator that ``torch.compile`` keeps inside the layer's graph;
+every other callable runs outside the compiler.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.weak import WeakTensorKeyDictionary
 
 # (q, k, v, cu_seqlens, max_seqlen, tables, covered) -> out; tables: a dict the backend may keep
 # derived data in, shared by the calls over one cu_seqlens (see segment_attention); covered: the
@@ -67,5 +71,87 @@ def segment_attention(backend: AttentionFn, cu_seqlens: torch.Tensor, max_seqlen
     Its layers share one tables dict: the Triton kernels' tile tables are built once per
     micro-batch, not once per layer and pass. ``covered``: the segments span all the
     micro-batch's rows (known on the host when it is built), so nothing outside them is filled."""
+    if backend is triton_attention:
+        return KernelAttention(cu_seqlens, max_seqlen, covered)
     tables: dict = {}
     return lambda q, k, v: backend(q, k, v, cu_seqlens, max_seqlen, tables, covered)
+
+
+class KernelAttention:
+    """The Triton kernels over one micro-batch's segments, called through the registered
+    operator ``wlbtrain::segment_attention``. ``torch.compile`` records the operator in the
+    layer's graph (its tensors and integers are graph inputs, so a new micro-batch does not
+    recompile) instead of splitting the layer in two around an opaque callable: one compiled
+    region per layer and pass, which is host time small layers are bound by."""
+
+    def __init__(self, cu_seqlens: Tensor, max_seqlen: int, covered: bool):
+        self.cu_seqlens, self.max_seqlen, self.covered = cu_seqlens, int(max_seqlen), covered
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return torch.ops.wlbtrain.segment_attention(q, k, v, self.cu_seqlens, self.max_seqlen,
+                                                    self.covered)[0]
+
+
+# The kernels' tile tables of each live cu_seqlens tensor: an operator takes only tensors and
+# scalars, so the layers and passes of a micro-batch find theirs here. The entry goes with the
+# tensor; a caller that hands over a copy just builds the tables again.
+_TABLES = WeakTensorKeyDictionary()
+
+
+def _tables(cu_seqlens: Tensor) -> dict:
+    tables = _TABLES.get(cu_seqlens)
+    if tables is None:
+        tables = _TABLES[cu_seqlens] = {}
+    return tables
+
+
+@torch.library.custom_op("wlbtrain::segment_attention", mutates_args=())
+def _segment_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                       covered: bool) -> tuple[Tensor, Tensor]:
+    """(out [T, Hq, D], lse [Hq, T] fp32) of document-causal attention within the segments."""
+    from wlbtrain.kernels import varlen_attention_forward
+
+    return varlen_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                    block_tables=_tables(cu_seqlens), rows_covered=covered)
+
+
+@_segment_attention.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, covered):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("wlbtrain::segment_attention_backward", mutates_args=())
+def _segment_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                                lse: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                                covered: bool) -> tuple[Tensor, Tensor, Tensor]:
+    from wlbtrain.kernels import varlen_attention_backward
+
+    return varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens, cu_seqlens,
+                                     max_seqlen, max_seqlen, block_tables=_tables(cu_seqlens),
+                                     rows_covered=covered)
+
+
+@_segment_attention_backward.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, covered):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, covered = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.max_seqlen, ctx.covered = max_seqlen, covered
+    ctx.mark_non_differentiable(lse)  # the model reads out only: no zero-filled lse gradient
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    if dout is None:  # out was not used
+        return None, None, None, None, None, None
+    dq, dk, dv = _segment_attention_backward(dout.contiguous(), q, k, v, out, lse, cu_seqlens,
+                                             ctx.max_seqlen, ctx.covered)
+    return dq, dk, dv, None, None, None
+
+
+_segment_attention.register_autograd(_backward, setup_context=_setup_context)

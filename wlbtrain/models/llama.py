@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
-from .attention import LocalAttention
+from .attention import KernelAttention, LocalAttention
 
 # fp32 logits the loss holds at once (1 GiB: 8192 tokens of a 32K vocabulary); a 128K-token
 # micro-batch with a 32K vocabulary would need 16 GiB. Longer micro-batches run the head in
@@ -86,16 +86,19 @@ class Attention(nn.Module):
         if self.kv_head is not None:
             k, v = (t[:, self.kv_head:self.kv_head + 1] for t in (k, v))
         q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
-        out = _attend(attention, q, k, v)
+        if isinstance(attention, KernelAttention):  # a registered operator: stays in the graph
+            out = attention(q, k, v)
+        else:
+            out = _attend(attention, q, k, v)
         return self.o_proj(out.reshape(T, -1))
 
 
 @torch.compiler.disable
 def _attend(attention: LocalAttention, q, k, v):
-    """Attention runs outside the compiler: the Triton kernels and the context-parallel
-    exchange are already what compilation would produce, and the callable changes every
-    micro-batch. Under ``torch.compile`` the layer is split here into two graphs, neither of which
-    depends on the callable or its segments, so new lengths and documents do not recompile."""
+    """Other attention runs outside the compiler: the context-parallel exchange and the
+    reference's per-document loop change with every micro-batch. Under ``torch.compile`` the
+    layer is split here into two graphs, neither of which depends on the callable or its
+    segments, so new lengths and documents do not recompile."""
     return attention(q, k, v)
 
 
