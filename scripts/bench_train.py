@@ -74,6 +74,8 @@ def profile_step(step: int, trace: str | None = None) -> None:
                                                if torch.cuda.is_available() else [])
         with profile(activities=activities) as prof:
             result = original(self, *args)
+            if torch.cuda.is_available():  # the trainer reads a step later: wait for it here
+                torch.cuda.synchronize()
         if self.rank == 0:
             key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
             print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from wlbtrain import checkpoint as ckpt
 from wlbtrain.config import load_config
 from wlbtrain.data.store import write_store
+from wlbtrain.metrics import DeviceScalars
 from wlbtrain.train import Trainer, train
 
 TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
@@ -123,6 +124,54 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, cache_dir, mo
         train(tiny(tmp_path, cache_dir, "train.steps=3", "checkpoint.every=1"))
     assert ckpt.latest_checkpoint(tmp_path).name == "step-2"
     assert load_file(tmp_path / "checkpoints/step-2/model.safetensors")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_device_scalars_keep_the_values_they_were_taken_at(device):
+    """A step's loss and norm are copied off the device behind the work that made them: what
+    the host launches afterwards (the next step) neither changes them nor is waited for."""
+    loss = torch.full((), 2.5, device=device)
+    norm = torch.full((1,), 0.75, device=device, dtype=torch.bfloat16)
+    scalars = DeviceScalars(loss, norm)
+    x = torch.randn(1024, 1024, device=device)
+    for _ in range(4):  # later work, queued behind the copy
+        x = x @ x / 32
+    loss.add_(1)
+    norm.mul_(0)
+    assert scalars.read() == [2.5, 0.75]
+
+
+@pytest.mark.parametrize("bad_step", [2, 3])
+def test_a_non_finite_loss_stops_the_run_before_any_checkpoint_of_it(tmp_path, cache_dir,
+                                                                     monkeypatch, bad_step):
+    """A step's loss is read only after the next step is launched; a NaN still stops the run
+    with no checkpoint of (or after) the bad step, and every step before it is logged."""
+    original = Trainer.train_step
+
+    def diverging(self, plan, *rest):
+        loss, norm = original(self, plan, *rest)
+        return (loss * float("nan") if self.step == bad_step else loss), norm
+
+    monkeypatch.setattr(Trainer, "train_step", diverging)
+    with pytest.raises(FloatingPointError, match=f"at step {bad_step};"):
+        train(tiny(tmp_path, cache_dir, "train.steps=6", "checkpoint.every=3"))
+    assert ckpt.list_checkpoints(tmp_path) == []
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, bad_step + 1))
+
+
+def test_a_crash_still_logs_the_step_before_it(tmp_path, cache_dir, monkeypatch):
+    """The last completed step's row is written even when the next step fails at launch."""
+    original = Trainer.train_step
+
+    def crash(self, plan, *rest):
+        if self.step == 3:
+            raise RuntimeError("simulated crash")
+        return original(self, plan, *rest)
+
+    monkeypatch.setattr(Trainer, "train_step", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny(tmp_path, cache_dir, "train.steps=5", "checkpoint.every=0"))
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
 
 
 def test_sigterm_checkpoints_the_finished_step_and_stops(tmp_path, cache_dir):

@@ -57,6 +57,28 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
 
 
+class DeviceScalars:
+    """Scalars of a step, copied off the device without waiting for it. The copy is queued
+    right behind the work that produced them, so reading them later waits for that work only,
+    not for the next step the host has launched meanwhile (``.item()`` would wait for both)."""
+
+    def __init__(self, *values: torch.Tensor):
+        stacked = torch.stack([v.detach().reshape(()).float() for v in values])
+        self.ready = None
+        if stacked.device.type == "cuda":
+            self.host = torch.empty(stacked.shape, pin_memory=True)
+            self.host.copy_(stacked, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.host = stacked
+
+    def read(self) -> list[float]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
+
+
 class MetricsLogger:
     """Writes metrics on rank 0; every other rank's logger does nothing."""
 

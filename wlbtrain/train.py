@@ -34,7 +34,7 @@ from .data.packing import balance_ranks, make_packer, max_piece_for
 from .data.prefetch import InputPipeline, StepInput
 from .data.store import TokenStore, open_source
 from .data.stream import DocumentStream
-from .metrics import MetricsLogger, device_peak_tflops, peak_memory_gib
+from .metrics import DeviceScalars, MetricsLogger, device_peak_tflops, peak_memory_gib
 from .models.attention import LocalAttention, get_backend, segment_attention
 from .models.llama import (apply_activation_checkpointing, apply_compile, build_model,
                            flops_per_step, stage_costs)
@@ -203,6 +203,15 @@ class LocalBatch:
         return int(self.tokens.numel())
 
 
+@dataclass
+class InFlight:
+    """A launched step: its metrics known on the host, and its loss and gradient norm still on
+    the device."""
+    record: dict
+    flops: float
+    scalars: DeviceScalars  # the loss and the gradient norm
+
+
 class Trainer:
     """Everything one training run holds; ``run()`` trains to ``train.steps``."""
 
@@ -314,10 +323,11 @@ class Trainer:
         return torch.autocast(self.place.device.type, dtype=self.place.compute_dtype)
 
     def train_step(self, plan: list[list], host: list[HostBatch] | None = None
-                   ) -> tuple[float, float]:
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward over this rank's micro-batches of ``plan`` (``host``: already
         gathered by the input pipeline), then one optimizer step. Returns (global mean loss per
-        target token, gradient norm)."""
+        target token, gradient norm) as 0-d tensors on the device: nothing here waits for the
+        device, so the next step can be launched while this one runs."""
         if host is None:
             host = self._host_batches(plan)
         targets = sum(num_targets(pieces, self.store.doc_lengths) for pieces in plan)
@@ -442,16 +452,16 @@ class Trainer:
         return copy.deepcopy({"stream": self.stream.state_dict(),
                               "packer": self.packer.state_dict()})
 
-    def _global_loss(self, loss_sum: torch.Tensor) -> float:
+    def _global_loss(self, loss_sum: torch.Tensor) -> torch.Tensor:
         """The summed loss of the whole global batch: one contribution per data-parallel rank
         (tensor-parallel ranks all hold the same value)."""
         if self.dims.world_size == 1:
-            return loss_sum.item()
+            return loss_sum
         mine = loss_sum if self.coords["tp"] == 0 else torch.zeros_like(loss_sum)
         dist.all_reduce(mine)
-        return mine.item()
+        return mine
 
-    def _clip_gradients(self) -> float:
+    def _clip_gradients(self) -> torch.Tensor:
         """Clip by the global norm over every stage's gradients; returns that norm."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         sum_partial_grads(params)
@@ -464,9 +474,11 @@ class Trainer:
             norm = squares.sqrt()
         if self.cfg.train.grad_clip:
             torch.nn.utils.clip_grads_with_norm_(params, self.cfg.train.grad_clip, norm)
-        return float(norm)
+        return norm
 
-    def _step_record(self, plan, loss, grad_norm, lr, seconds) -> dict:
+    def _launch_record(self, step_input: StepInput, loss, grad_norm, lr, waited) -> InFlight:
+        """What is known of a step once it is launched; its record waits for the device."""
+        plan = step_input.plan
         lengths = [length for pieces in plan for _, _, length in pieces]
         tokens = sum(lengths)
         costs = [self.cost_model.micro_batch_cost([p[2] for p in pieces]) for pieces in plan]
@@ -480,15 +492,25 @@ class Trainer:
         if self.cp_plans:  # rank 0's micro-batches: the sharding applied, the CP ranks' balance
             cp = {"cp_sharding": [p.sharding for p in self.cp_plans],
                   "cp_balance": max(cost_balance(p.rank_costs) for p in self.cp_plans)}
-        mfu = flops / seconds / (self.peak_flops * self.dims.world_size) if self.peak_flops else None
-        return {"step": self.step, "loss": loss, "tokens": tokens,
+        # host time the step waited for its input (on the critical path), and the host time
+        # producing it took (off it when the pipeline runs ahead)
+        record = {"step": self.step, "tokens": tokens, "imbalance": imbalance(costs),
+                  "padding": padding / max(tokens + padding, 1),
+                  "rank_imbalance": imbalance(rank_costs), "lr": lr,
+                  "input_wait_s": waited, "input_build_s": step_input.seconds,
+                  **cp, **self.pipeline_record}
+        return InFlight(record, flops, DeviceScalars(loss, grad_norm))
+
+    def _step_record(self, flight: InFlight, seconds: float) -> dict:
+        """The step's metrics row; reading its loss and norm waits for the device."""
+        loss, grad_norm = flight.scalars.read()
+        tokens, world = flight.record["tokens"], self.dims.world_size
+        mfu = flight.flops / seconds / (self.peak_flops * world) if self.peak_flops else None
+        return {**flight.record, "loss": loss,
                 "tokens_per_s": tokens / seconds,
-                "tokens_per_s_per_device": tokens / seconds / self.dims.world_size,
-                "mfu": mfu, "imbalance": imbalance(costs),
-                "padding": padding / max(tokens + padding, 1),
-                "rank_imbalance": imbalance(rank_costs),
-                "step_time_s": seconds, "lr": lr, "grad_norm": grad_norm,
-                "memory_gib": peak_memory_gib(self.place.device), **cp, **self.pipeline_record}
+                "tokens_per_s_per_device": tokens / seconds / world, "mfu": mfu,
+                "step_time_s": seconds, "grad_norm": grad_norm,
+                "memory_gib": peak_memory_gib(self.place.device)}
 
     def _train_state(self) -> dict:
         return {**self.data_state, "global_micro_batches": self.n_micro,
@@ -510,12 +532,15 @@ class Trainer:
                              stages=self.dims.pp, weights_writer=writer)
 
     def _stop_agreed(self, requested: bool) -> bool:
-        """A signal may reach ranks on either side of a step boundary: stop only together."""
-        if self.dims.world_size == 1:  # nothing to agree on, and no device sync every step
+        """A signal may reach ranks on either side of a step boundary: stop only together. The
+        ranks' flags are combined now and read at the next boundary, so that reading them
+        waits for nothing launched since (every rank reads the same value at the same step)."""
+        if self.dims.world_size == 1:  # nothing to agree on
             return requested
         flag = torch.tensor([int(requested)], device=self.place.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        agreed, self.stop_flag = self.stop_flag, DeviceScalars(flag)
+        return agreed is not None and agreed.read()[0] > 0
 
     def run(self) -> None:
         cfg = self.cfg
@@ -538,34 +563,58 @@ class Trainer:
         saved_step = self.step
         inputs = InputPipeline(self._produce, range(self.step + 1, cfg.train.steps + 1),
                                background=cfg.data.prefetch)
+        # Step N's loss is read (a wait for the device) only after step N+1 is launched, so the
+        # host's work between steps overlaps the device's instead of leaving it idle.
+        self.pending, self.stop_flag, self.clock = None, None, time.perf_counter()
         with StopRequest() as stop, inputs:
-            while self.step < cfg.train.steps and not self._stop_agreed(stop.requested):
-                self.step += 1
-                lr = lr_at(self.step, cfg)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                start = time.perf_counter()
-                step_input = inputs.next()
-                waited = time.perf_counter() - start
-                # .item() in train_step waits for the device
-                loss, grad_norm = self.train_step(step_input.plan, step_input.batches)
-                self.data_state = step_input.state
-                seconds = time.perf_counter() - start
-                console = self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps
-                record = self._step_record(step_input.plan, loss, grad_norm, lr, seconds)
-                # host time the step waited for its input (on the critical path), and the host
-                # time producing it took (off it when the pipeline runs ahead)
-                record.update(input_wait_s=waited, input_build_s=step_input.seconds)
-                logger.log(record, console)
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss} at step {self.step}; the last "
-                                             "checkpoint holds the last good state")
-                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
-                    self.save()
-                    saved_step = self.step
+            try:
+                while self.step < cfg.train.steps and not self._stop_agreed(stop.requested):
+                    launched = self._launch_step(inputs)
+                    self._finish_step(logger)  # the step before, read while this one runs
+                    self.pending = launched
+                    if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                        self._finish_step(logger)  # never save a step whose loss is unread
+                        self.save()
+                        saved_step, self.clock = self.step, time.perf_counter()
+                self._finish_step(logger)
+            except BaseException:
+                self._finish_step(logger, quietly=True)  # log the last step that completed
+                raise
         if self.step != saved_step:
             self.save()
         logger.close()
+
+    def _launch_step(self, inputs: InputPipeline) -> InFlight:
+        """Queue the next step's work on the device; nothing here waits for it."""
+        self.step += 1
+        lr = lr_at(self.step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        start = time.perf_counter()
+        step_input = inputs.next()
+        waited = time.perf_counter() - start
+        loss, grad_norm = self.train_step(step_input.plan, step_input.batches)
+        self.data_state = step_input.state
+        return self._launch_record(step_input, loss, grad_norm, lr, waited)
+
+    def _finish_step(self, logger: MetricsLogger, quietly: bool = False) -> None:
+        """Wait for the pending step, log it, and stop on a non-finite loss. ``quietly``:
+        while another error unwinds, log what can be read and raise nothing."""
+        flight, self.pending = self.pending, None
+        if flight is None:
+            return
+        try:
+            record = self._step_record(flight, time.perf_counter() - self.clock)
+        except Exception:
+            if quietly:
+                return
+            raise
+        self.clock = time.perf_counter()
+        step = record["step"]
+        logger.log(record, step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps)
+        if not math.isfinite(record["loss"]) and not quietly:
+            raise FloatingPointError(f"loss is {record['loss']} at step {step}; the last "
+                                     "checkpoint holds the last good state")
 
 
 def train(cfg: Config) -> None:
