@@ -57,6 +57,18 @@ def record_plans(monkeypatch):
     return plans
 
 
+def crash_at(monkeypatch, step):
+    """Make the trainer raise when it launches step ``step`` (over any patch already there)."""
+    original = Trainer.train_step
+
+    def crash(self, plan, *rest):
+        if self.step == step:
+            raise RuntimeError("simulated crash")
+        return original(self, plan, *rest)
+
+    monkeypatch.setattr(Trainer, "train_step", crash)
+
+
 def test_debug_recipe_learns_and_writes_its_files(tmp_path, cache_dir):
     train(tiny(tmp_path, cache_dir, "train.steps=12", "checkpoint.every=5"))
     rows = read_metrics(tmp_path)
@@ -85,14 +97,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, cache_dir, long_tail_s
 
     # A run that crashes during step 6: its last checkpoint is step 4.
     plans_crash = record_plans(monkeypatch)
-    original = Trainer.train_step
-
-    def crash(self, plan, *rest):
-        if self.step == 6:
-            raise RuntimeError("simulated crash")
-        return original(self, plan, *rest)
-
-    monkeypatch.setattr(Trainer, "train_step", crash)
+    crash_at(monkeypatch, 6)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(tiny(tmp_path / "resumed", cache_dir, *steps))
     monkeypatch.undo()
@@ -161,14 +166,7 @@ def test_a_non_finite_loss_stops_the_run_before_any_checkpoint_of_it(tmp_path, c
 
 def test_a_crash_still_logs_the_step_before_it(tmp_path, cache_dir, monkeypatch):
     """The last completed step's row is written even when the next step fails at launch."""
-    original = Trainer.train_step
-
-    def crash(self, plan, *rest):
-        if self.step == 3:
-            raise RuntimeError("simulated crash")
-        return original(self, plan, *rest)
-
-    monkeypatch.setattr(Trainer, "train_step", crash)
+    crash_at(monkeypatch, 3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(tiny(tmp_path, cache_dir, "train.steps=5", "checkpoint.every=0"))
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
