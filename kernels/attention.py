@@ -100,6 +100,12 @@ def _segment(CU, seg):
 
 
 @_jit
+def _block_ptrs(X, start, idx, head, stride_t, stride_h, offs_d):
+    """Pointers to tokens start + idx of one head of X: [tokens, heads, HEAD_DIM]."""
+    return X + (start + idx)[:, None] * stride_t + head * stride_h + offs_d[None, :]
+
+
+@_jit
 def _key_range(row0, lk, diag, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                CAUSAL: tl.constexpr):
     """Keys [0, full) are visible to every row of the block row0..row0+BLOCK_M-1, keys
@@ -187,11 +193,11 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TABLE, num_slots, qk_scale,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = rows < lq
-    q = tl.load(Q + (q_start + rows)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+    q = tl.load(_block_ptrs(Q, q_start, rows, head, stride_qt, stride_qh, offs_d),
                 mask=row_ok[:, None], other=0.0)
     kv_head = head // GROUP
-    k_ptrs = K + (k_start + offs_n)[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :]
-    v_ptrs = V + (k_start + offs_n)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :]
+    k_ptrs = _block_ptrs(K, k_start, offs_n, kv_head, stride_kt, stride_kh, offs_d)
+    v_ptrs = _block_ptrs(V, k_start, offs_n, kv_head, stride_vt, stride_vh, offs_d)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
@@ -207,7 +213,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TABLE, num_slots, qk_scale,
     l_safe = tl.where(has_key, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))
-    o_ptrs = O + (q_start + rows)[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+    o_ptrs = _block_ptrs(O, q_start, rows, head, stride_ot, stride_oh, offs_d)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + head * stride_lse_h + q_start + rows, lse, mask=row_ok)
 
@@ -301,28 +307,26 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K, TABLE
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = cols < lk
-    k = tl.load(K + (k_start + cols)[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+    k = tl.load(_block_ptrs(K, k_start, cols, kv_head, stride_kt, stride_kh, offs_d),
                 mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + (k_start + cols)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+    v = tl.load(_block_ptrs(V, k_start, cols, kv_head, stride_vt, stride_vh, offs_d),
                 mask=col_ok[:, None], other=0.0)
     dk = tl.full([BLOCK_N, HEAD_DIM], 0.0, tl.float32)
     dv = tl.full([BLOCK_N, HEAD_DIM], 0.0, tl.float32)
     start, full = _query_range(col0, lq, diag, BLOCK_M, BLOCK_N, CAUSAL)
     for g in range(GROUP):
         head = kv_head * GROUP + g
-        q_ptrs = Q + (q_start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :]
-        do_ptrs = (DO + (q_start + offs_m)[:, None] * stride_dot + head * stride_doh
-                   + offs_d[None, :])
-        dq_ptrs = (DQ + (q_start + offs_m)[:, None] * stride_dqt + head * stride_dqh
-                   + offs_d[None, :])
+        q_ptrs = _block_ptrs(Q, q_start, offs_m, head, stride_qt, stride_qh, offs_d)
+        do_ptrs = _block_ptrs(DO, q_start, offs_m, head, stride_dot, stride_doh, offs_d)
+        dq_ptrs = _block_ptrs(DQ, q_start, offs_m, head, stride_dqt, stride_dqh, offs_d)
         lse_h = LSE + head * stride_lse_h + q_start
         delta_h = DELTA + head * stride_delta_h + q_start
         dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, lse_h, delta_h, start, full,
                              offs_m, cols, lq, diag, qk_scale, sm_scale, stride_qt, stride_dot,
                              stride_dqt, BLOCK_M, CAUSAL, ATOMIC_DQ, WITH_DK, WITH_DV,
                              PRECISION)
-    dk_ptrs = DK + (k_start + cols)[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :]
-    dv_ptrs = DV + (k_start + cols)[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :]
+    dk_ptrs = _block_ptrs(DK, k_start, cols, kv_head, stride_dkt, stride_dkh, offs_d)
+    dv_ptrs = _block_ptrs(DV, k_start, cols, kv_head, stride_dvt, stride_dvh, offs_d)
     if WITH_DK:
         tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
     if WITH_DV:
@@ -378,22 +382,22 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, TABLE, num_slot
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = rows < lq
-    q = tl.load(Q + (q_start + rows)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+    q = tl.load(_block_ptrs(Q, q_start, rows, head, stride_qt, stride_qh, offs_d),
                 mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + (q_start + rows)[:, None] * stride_dot + head * stride_doh
-                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(_block_ptrs(DO, q_start, rows, head, stride_dot, stride_doh, offs_d),
+                 mask=row_ok[:, None], other=0.0)
     lse, delta = _load_row_stats(LSE + head * stride_lse_h + q_start,
                                  DELTA + head * stride_delta_h + q_start, rows, row_ok)
     kv_head = head // GROUP
-    k_ptrs = K + (k_start + offs_n)[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :]
-    v_ptrs = V + (k_start + offs_n)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :]
+    k_ptrs = _block_ptrs(K, k_start, offs_n, kv_head, stride_kt, stride_kh, offs_d)
+    v_ptrs = _block_ptrs(V, k_start, offs_n, kv_head, stride_vt, stride_vh, offs_d)
     dq = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
     full, end = _key_range(row0, lk, diag, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, 0, full, rows, offs_n, lk, diag,
                    qk_scale, stride_kt, stride_vt, BLOCK_N, False, CAUSAL, PRECISION)
     dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, full, end, rows, offs_n, lk, diag,
                    qk_scale, stride_kt, stride_vt, BLOCK_N, True, CAUSAL, PRECISION)
-    dq_ptrs = DQ + (q_start + rows)[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :]
+    dq_ptrs = _block_ptrs(DQ, q_start, rows, head, stride_dqt, stride_dqh, offs_d)
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
