@@ -2,6 +2,7 @@
 resumed run continues exactly where an uninterrupted one goes."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 from wlbtrain import checkpoint as ckpt
 from wlbtrain.config import load_config
 from wlbtrain.data.store import write_store
-from wlbtrain.metrics import DeviceScalars
+from wlbtrain.metrics import DeviceScalars, DoneMark
 from wlbtrain.train import Trainer, train
 
 TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
@@ -135,15 +136,37 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, cache_dir, mo
 def test_device_scalars_keep_the_values_they_were_taken_at(device):
     """A step's loss and norm are copied off the device behind the work that made them: what
     the host launches afterwards (the next step) neither changes them nor is waited for."""
+    start = DoneMark(torch.device(device))
+    x = torch.randn(1024, 1024, device=device)
+    for _ in range(4):  # the step's work
+        x = x @ x / 32
     loss = torch.full((), 2.5, device=device)
     norm = torch.full((1,), 0.75, device=device, dtype=torch.bfloat16)
     scalars = DeviceScalars(loss, norm)
-    x = torch.randn(1024, 1024, device=device)
     for _ in range(4):  # later work, queued behind the copy
         x = x @ x / 32
     loss.add_(1)
     norm.mul_(0)
     assert scalars.read() == [2.5, 0.75]
+    assert scalars.done.seconds_since(start) > 0  # the step's work, timed where it ran
+
+
+def test_step_time_is_each_steps_own(tmp_path, cache_dir, monkeypatch):
+    """A step is logged after the next one is launched; its step_time_s is still its own work
+    (here each step's launch takes 0.5 s more), not the next step's, the last step's too."""
+    original = Trainer.train_step
+
+    def slow(self, plan, *rest):
+        time.sleep(0.5)
+        return original(self, plan, *rest)
+
+    monkeypatch.setattr(Trainer, "train_step", slow)
+    train(tiny(tmp_path, cache_dir, "train.steps=4", "checkpoint.every=2",
+               "checkpoint.resume=none"))
+    times = [row["step_time_s"] for row in read_metrics(tmp_path)]
+    assert len(times) == 4 and min(times) >= 0.5, times
+    # one step's sleep, not two: the steps after the first start from a warm model
+    assert max(times[1:]) < 0.9, times
 
 
 @pytest.mark.parametrize("bad_step", [2, 3])

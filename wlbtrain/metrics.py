@@ -57,25 +57,48 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
 
 
+class DoneMark:
+    """The moment the work queued so far on ``device`` completes. On a GPU a timing event
+    behind that work; on the CPU the host clock, since the work is done once it is queued.
+    Step times are the seconds between two steps' marks: the device's time, not the host's,
+    which runs a step ahead."""
+
+    def __init__(self, device: torch.device):
+        self.event, self.at = None, None
+        if device.type == "cuda":
+            self.event = torch.cuda.Event(enable_timing=True)
+            self.event.record()
+        else:
+            self.at = time.perf_counter()
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+
+    def seconds_since(self, earlier: DoneMark) -> float:
+        """Both marks reached (``wait``) on the same device."""
+        if self.event is not None:
+            return earlier.event.elapsed_time(self.event) / 1e3
+        return self.at - earlier.at
+
+
 class DeviceScalars:
     """Scalars of a step, copied off the device without waiting for it. The copy is queued
     right behind the work that produced them, so reading them later waits for that work only,
-    not for the next step the host has launched meanwhile (``.item()`` would wait for both)."""
+    not for the next step the host has launched meanwhile (``.item()`` would wait for both).
+    ``done`` marks when that work completed."""
 
     def __init__(self, *values: torch.Tensor):
         stacked = torch.stack([v.detach().reshape(()).float() for v in values])
-        self.ready = None
         if stacked.device.type == "cuda":
             self.host = torch.empty(stacked.shape, pin_memory=True)
             self.host.copy_(stacked, non_blocking=True)
-            self.ready = torch.cuda.Event()
-            self.ready.record()
         else:
             self.host = stacked
+        self.done = DoneMark(stacked.device)
 
     def read(self) -> list[float]:
-        if self.ready is not None:
-            self.ready.synchronize()
+        self.done.wait()
         return self.host.tolist()
 
 

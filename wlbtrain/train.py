@@ -34,7 +34,7 @@ from .data.packing import balance_ranks, make_packer, max_piece_for
 from .data.prefetch import InputPipeline, StepInput
 from .data.store import TokenStore, open_source
 from .data.stream import DocumentStream
-from .metrics import DeviceScalars, MetricsLogger, device_peak_tflops, peak_memory_gib
+from .metrics import DeviceScalars, DoneMark, MetricsLogger, device_peak_tflops, peak_memory_gib
 from .models.attention import LocalAttention, get_backend, segment_attention
 from .models.llama import (apply_activation_checkpointing, apply_compile, build_model,
                            flops_per_step, stage_costs)
@@ -501,9 +501,11 @@ class Trainer:
                   **cp, **self.pipeline_record}
         return InFlight(record, flops, DeviceScalars(loss, grad_norm))
 
-    def _step_record(self, flight: InFlight, seconds: float) -> dict:
-        """The step's metrics row; reading its loss and norm waits for the device."""
+    def _step_record(self, flight: InFlight, since: DoneMark) -> dict:
+        """The step's metrics row, its time counted from ``since``; reading its loss and norm
+        waits for the device."""
         loss, grad_norm = flight.scalars.read()
+        seconds = flight.scalars.done.seconds_since(since)
         tokens, world = flight.record["tokens"], self.dims.world_size
         mfu = flight.flops / seconds / (self.peak_flops * world) if self.peak_flops else None
         return {**flight.record, "loss": loss,
@@ -565,7 +567,7 @@ class Trainer:
                                background=cfg.data.prefetch)
         # Step N's loss is read (a wait for the device) only after step N+1 is launched, so the
         # host's work between steps overlaps the device's instead of leaving it idle.
-        self.pending, self.stop_flag, self.clock = None, None, time.perf_counter()
+        self.pending, self.stop_flag, self.clock = None, None, DoneMark(self.place.device)
         with StopRequest() as stop, inputs:
             try:
                 while self.step < cfg.train.steps and not self._stop_agreed(stop.requested):
@@ -575,7 +577,7 @@ class Trainer:
                     if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                         self._finish_step(logger)  # never save a step whose loss is unread
                         self.save()
-                        saved_step, self.clock = self.step, time.perf_counter()
+                        saved_step, self.clock = self.step, DoneMark(self.place.device)
                 self._finish_step(logger)
             except BaseException:
                 self._finish_step(logger, quietly=True)  # log the last step that completed
@@ -604,12 +606,12 @@ class Trainer:
         if flight is None:
             return
         try:
-            record = self._step_record(flight, time.perf_counter() - self.clock)
+            record = self._step_record(flight, self.clock)
         except Exception:
             if quietly:
                 return
             raise
-        self.clock = time.perf_counter()
+        self.clock = flight.scalars.done
         step = record["step"]
         logger.log(record, step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps)
         if not math.isfinite(record["loss"]) and not quietly:
