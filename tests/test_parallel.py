@@ -107,12 +107,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(out_dir, source, overrides, nproc):
-    """Train ``overrides`` on the token store ``source``; (losses, final weights, final Adam
-    moments)."""
+def run(out_dir, source, overrides, nproc, steps=4, env=()):
+    """Train ``overrides`` on the token store ``source`` for ``steps`` (checkpointed at the
+    last); (losses, final weights, final Adam moments)."""
     args = [*TINY, f"train.out_dir={out_dir}", f"data.source={source}",
-            f"data.cost_profile={source.parent / 'cost.json'}", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            f"data.cost_profile={source.parent / 'cost.json'}", f"train.steps={steps}",
+            f"checkpoint.every={steps}", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **dict(env)}
     if nproc == 1:
         cmd = [sys.executable, "-m", "wlbtrain.cli", "train", "recipes/debug.yaml", *args]
     else:
@@ -122,9 +123,10 @@ def run(out_dir, source, overrides, nproc):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
     weights = {}  # one file, or one per pipeline stage
-    for path in sorted((out_dir / "checkpoints/step-4").glob("model*.safetensors")):
+    last = out_dir / f"checkpoints/step-{steps}"
+    for path in sorted(last.glob("model*.safetensors")):
         weights.update(load_file(path))
-    return [r["loss"] for r in rows], weights, adam_moments(out_dir / "checkpoints/step-4/dcp")
+    return [r["loss"] for r in rows], weights, adam_moments(last / "dcp")
 
 
 def adam_moments(dcp_dir) -> dict[str, torch.Tensor]:
@@ -182,6 +184,24 @@ def test_layout_matches_single_device(tmp_path, tmp_path_factory, store, overrid
         want = ref_moments[name].float()
         err = float((moments[name].float() - want).norm() / want.norm().clamp(min=1e-30))
         assert err < 1e-3, f"{name}: relative error {err:.1e}"
+
+
+@pytest.mark.slow
+@pytest.mark.interpreter
+def test_tensor_parallel_triton_attention_matches_the_single_device_reference(tmp_path, store):
+    """The Triton operator on each TP rank's heads (interpreted: short and few steps) trains
+    as one process with the pure-torch attention does."""
+    short = ["data.context=128", "train.micro_batches=2"]
+    ref_loss, ref_weights, _ = run(tmp_path / "single", store,
+                                   [*short, "train.attention=reference"], 1, steps=2)
+    loss, weights, _ = run(tmp_path / "tp", store,
+                           [*short, "parallel.tp=2", "train.attention=triton"], 2, steps=2,
+                           env={"TRITON_INTERPRET": "1"})
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert weights.keys() == ref_weights.keys()
+    for name in weights:
+        torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-4, atol=5e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def worker_with_rank(parent: int, rank: int) -> int:
