@@ -79,10 +79,12 @@ def test_compiled_layers_match_eager_and_compile_a_bounded_number_of_graphs(chec
 # the interpreter on the CPU; compiled kernels and Inductor where there is a GPU
 @pytest.mark.interpreter
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_kernel_attention_compiles_into_one_graph_per_layer(device, monkeypatch):
+@pytest.mark.parametrize("checkpointing", ["none", "full"])
+def test_kernel_attention_compiles_into_one_graph_per_layer(device, checkpointing, monkeypatch):
     """The Triton backend is a registered operator: a compiled layer is one graph (no break at
     the attention), new lengths and documents do not recompile it, gradients match the eager
-    reference, and a micro-batch's tile tables are built once for all its layers and passes."""
+    reference, and a micro-batch's tile tables are built once for all its layers and passes
+    (with full checkpointing too, whose backward runs the operator's forward again)."""
     if device == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     builds = []
@@ -90,7 +92,8 @@ def test_kernel_attention_compiles_into_one_graph_per_layer(device, monkeypatch)
     monkeypatch.setattr(kernel_module, "_block_table", lambda *a: builds.append(a) or build(*a))
     torch._dynamo.reset()
     counters.clear()
-    eager, compiled = make_model(False, device=device), make_model(True, device=device)
+    eager = make_model(False, device=device)
+    compiled = make_model(True, checkpointing, device=device)
     gen = torch.Generator().manual_seed(0)
     for total in (40, 57, 33, 91):
         tokens, positions, cu, longest = (x.to(device) if torch.is_tensor(x) else x
