@@ -12,6 +12,7 @@ real length distribution, for throughput and balance (its loss means nothing).
 """
 
 import argparse
+import bisect
 import json
 import os
 import statistics
@@ -114,11 +115,14 @@ def idle_report(events, top: int = 12) -> str:
              f"({100 * busy / span:.1f}%); idle {idle / 1e3:.1f} ms in {len(gaps)} gaps, "
              f"{small / 1e3:.1f} ms of them under 20 us"]
     by_op: dict[str, float] = {}
-    for length, start, end, _ in gaps:
-        for e in host:
-            overlap = min(end, e.time_range.end) - max(start, e.time_range.start)
-            if overlap > 0:
-                by_op[e.name] = by_op.get(e.name, 0.0) + overlap
+    gap_ends = [end for _, _, end, _ in gaps]  # ascending: the gaps are disjoint, in order
+    for e in host:  # each operator meets only the gaps inside its span: found by bisection
+        first, last = e.time_range.start, e.time_range.end
+        i = bisect.bisect_right(gap_ends, first)
+        while i < len(gaps) and gaps[i][1] < last:
+            overlap = min(last, gaps[i][2]) - max(first, gaps[i][1])
+            by_op[e.name] = by_op.get(e.name, 0.0) + overlap
+            i += 1
     lines.append("idle time by the host operator running (outermost; threads overlap):")
     for name, us in sorted(by_op.items(), key=lambda x: -x[1])[:top]:
         lines.append(f"  {us / 1e3:8.2f} ms  {name[:90]}")

@@ -26,5 +26,7 @@ def test_idle_report_finds_the_gap_and_the_host_work_beside_it():
     report = bench_train.idle_report(events).splitlines()
     # busy 90 + 195 + 300 of the 900 us from the step's start to the last kernel's end
     assert report[0].startswith("GPU busy 0.6 of 0.9 ms profiled (65.0%); idle 0.3 ms in 3 gaps")
-    assert "optimizer" in report[3]  # the step itself overlaps every gap, then the optimizer
+    # the step itself overlaps every gap (10 + 5 + 300 us), the optimizer 280 us of the last
+    assert report[2].split() == ["0.32", "ms", "step"]
+    assert report[3].split() == ["0.28", "ms", "optimizer"]
     assert report[-3].split()[0] == "0.300" and report[-3].endswith("adam")
