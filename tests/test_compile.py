@@ -95,7 +95,8 @@ def test_kernel_attention_compiles_into_one_graph_per_layer(device, checkpointin
     eager = make_model(False, device=device)
     compiled = make_model(True, checkpointing, device=device)
     gen = torch.Generator().manual_seed(0)
-    for total in (40, 57, 33, 91):
+    # under checkpointing two lengths show the same (a second one does not recompile)
+    for total in (40, 57, 33, 91) if checkpointing == "none" else (40, 91):
         tokens, positions, cu, longest = (x.to(device) if torch.is_tensor(x) else x
                                           for x in documents(total, gen))
         reference = segment_attention(reference_attention, cu, longest)
