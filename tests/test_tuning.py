@@ -105,18 +105,28 @@ def test_auto_moves_thresholds_and_keeps_every_token_exactly_once():
     assert_same_tokens(lengths, trained, stream.emitted)
 
 
-def test_moving_thresholds_keeps_queued_pieces_queued():
+def test_moving_thresholds_queues_held_pieces_again_by_their_new_bands():
     packer = auto_packer()
     packer._move_thresholds([1000, 2000])
     packer.queues[0].items.extend([(0, 0, 1500, 3), (1, 0, 1200, 5)])
     packer.queues[1].items.extend([(2, 0, 2500, 1), (3, 0, 3000, 4)])
     carry = [(4, 0, 10, 5)]
     packer.carry = list(carry)
-    packer._move_thresholds([3000])  # fewer queues: the rest join the top one, oldest first
-    assert [it[0] for it in packer.queues[0].items] == [2, 0, 3, 1]
-    packer._move_thresholds([500, 1000, 3000])  # more: queue 0 keeps them, nothing released
-    assert [it[0] for it in packer.queues[0].items] == [2, 0, 3, 1]
-    assert packer.carry == carry and len(packer.pending()) == 5
+    # one queue from 3000: the pieces below it join the carry-over in pull order, none is
+    # grouped with lengths of another band
+    packer._move_thresholds([3000])
+    assert [it[0] for it in packer.queues[0].items] == [3]
+    assert [it[0] for it in packer.carry] == [4, 2, 0, 1]
+    packer._move_thresholds([500, 1000, 3000])  # more queues: the held piece keeps its band
+    assert [len(q.items) for q in packer.queues] == [0, 0, 1]
+    assert len(packer.pending()) == 5
+    packer.carry = []
+    packer.queues[2].items.clear()
+    packer.queues[0].items.extend([(5, 0, 700, 2), (6, 0, 600, 1)])
+    packer.queues[2].items.append((7, 0, 4000, 3))
+    packer._move_thresholds([650, 3500])  # each to its new band, or below every band
+    assert [[it[0] for it in q.items] for q in packer.queues] == [[5], [7]]
+    assert [it[0] for it in packer.carry] == [6]
 
 
 def test_resume_mid_search_plans_identically(monkeypatch):
@@ -152,7 +162,9 @@ LAYOUTS = {
         SimpleNamespace(dim=1536, n_layers=16, n_heads=16, n_kv_heads=16, ffn_dim=4096,
                         vocab_size=32000), SimpleNamespace(tp=2, cp=2, pp=4))),
 }
-STEPS = 32
+# The 150 steps: over 20 steps after the warm-up, one unlucky step moved a family's mean by
+# 0.02-0.03, more than what the packer is judged on.
+STEPS = 150
 # Steps left out of the balance: the queues are still filling, and the first search runs.
 WARM_UP = 12
 
@@ -179,7 +191,7 @@ def covered_ranges(pieces) -> dict:
 
 def run_family(family, layout, packing, **options):
     context, n, cost = LAYOUTS[layout]
-    lengths = FAMILIES[family](12000, seed=7)
+    lengths = FAMILIES[family](60000, seed=7)
     # one epoch with tokens for STEPS at either layout (and no more: coverage checks are per token)
     lengths = lengths[:np.searchsorted(np.cumsum(lengths), 3 * STEPS * n * context) + 1]
     stream = RecordingStream(lengths, 0, max_piece_for(packing, context, context), loop=False)

@@ -22,8 +22,8 @@ hand a step's micro-batches out in ``rank_balanced_order`` (never sorted by cost
   most loaded ones or put in from the carry-over) then drives the step's imbalance towards 1.
   Without a pipeline, ``ranks`` makes a DP rank's micro-batches together the unit it balances.
   With ``outlier_thresholds="auto"`` (the default) a ``ThresholdTuner`` (tuning.py) moves the
-  thresholds as it learns the length distribution, within a token-delay budget; queued pieces
-  stay queued when they move.
+  thresholds as it learns the length distribution, within a token-delay budget; when they move,
+  queued pieces are queued again by the new bands (or carried), in the order they were pulled.
 
 Every piece a stream emits is trained exactly once: packers hold back pieces (the cut remainder,
 planned windows, queues, carry-over) only in their state, which ``state_dict`` saves with the
@@ -520,24 +520,22 @@ class WlbPacker(Packer):
         return None
 
     def _move_thresholds(self, thresholds: list[int]) -> None:
-        """Give the queues new bands without releasing what they hold.
+        """Give the queues new bands; what they hold is queued again by the new bands.
 
-        Queue i keeps its pieces, in order, and takes band i; the pieces of queues beyond the
-        new count join the new top queue (merged oldest first). A piece outside its queue's new
-        band leaves with that queue's next group, next to lengths it was queued with. Only
-        without any queue left do held outliers move, into the carry-over, placed first next step.
+        Held pieces keep their pull order (oldest first), so a piece that waited leaves with its
+        new queue's next group. A piece below every new band joins the carry-over, placed first
+        next step, as it would have been had it arrived now.
         """
-        old = self.queues
+        held = sorted((item for queue in self.queues for item in queue.items),
+                      key=lambda item: item[3])
         self.thresholds = list(thresholds)
         self.queues = _queues(self.thresholds)
-        for queue, prev in zip(self.queues, old):
-            queue.items = prev.items
-        spill = [item for prev in old[len(self.queues):] for item in prev.items]
-        if spill and self.queues:
-            top = self.queues[-1]
-            top.items = deque(sorted([*top.items, *spill], key=lambda it: it[3]))
-        elif spill:
-            self.carry += spill
+        for item in held:
+            queue = self._queue_for(item[2])
+            if queue is None:
+                self.carry.append(item)
+            else:
+                queue.items.append(item)
 
     def _return_to_queue(self, item: Item) -> bool:
         # after the thresholds moved, a piece may lie below every band: the lowest queue takes it
