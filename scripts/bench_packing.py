@@ -4,6 +4,7 @@
     python scripts/bench_packing.py [--steps 500] [--seed 0] [--doclens DIR] [--only fig3|wiki]
     python scripts/bench_packing.py --families --steps 300    # auto over the length families
     python scripts/bench_packing.py --frontier --steps 300    # auto against fixed-set oracles
+    python scripts/bench_packing.py --refine-time --steps 300 # refine alone on recorded steps
 
 For each document-length file (seeded shuffle, streamed as the loader does, documents longer
 than the context split) and each layout (7B-128K: 4 micro-batches per global batch, TP8 CP2
@@ -25,6 +26,7 @@ import itertools
 import json
 import os
 import sys
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -194,6 +196,44 @@ FRONTIER_CELLS = [("550M-64K", "fig3", 0.5), ("550M-64K", "wiki", 0.5),
                   ("550M-64K", "bimodal", 1.0)]
 
 
+# the cells whose planning p99 is highest: 550M-64K at the paper's 0.5 steps, refine's busiest
+REFINE_TIME_CELLS = [("550M-64K", "fig3"), ("550M-64K", "wiki"), ("550M-64K", "pareto"),
+                     ("550M-64K", "lognormal")]
+
+
+def refine_time(doclens, steps, seed, repeats=3) -> str:
+    """refine_plan alone, on the inputs it met in REFINE_TIME_CELLS (recorded once, then replayed
+    ``repeats`` times, each call's best time kept): its cost without the rest of a planning step
+    and without this shared CPU's noise, which dominates the whole step's p99."""
+    from wlbtrain.data import packing
+    from wlbtrain.data.refine import refine_plan
+    calls, record = [], packing.refine_plan
+
+    def recording(bins, left, capacity, cost_model, may_hold, **options):
+        holdable = {it for it in itertools.chain(left, *bins) if may_hold(it)}
+        calls.append(([list(b) for b in bins], list(left), capacity, cost_model, holdable, options))
+        return record(bins, left, capacity, cost_model, may_hold=may_hold, **options)
+
+    packing.refine_plan = recording
+    try:
+        for lname, name in REFINE_TIME_CELLS:
+            lengths = (load(os.path.join(doclens, FILES[name])) if name in FILES
+                       else FAMILIES[name](20000, seed))
+            run(lengths, LAYOUTS[lname], "wlb", {"refine": True, "max_token_delay": 0.5}, steps,
+                seed)
+    finally:
+        packing.refine_plan = record
+    best = np.full(len(calls), np.inf)
+    for _ in range(repeats):
+        for i, (bins, left, capacity, cost_model, holdable, options) in enumerate(calls):
+            start = time.perf_counter()
+            refine_plan(bins, left, capacity, cost_model, may_hold=holdable.__contains__, **options)
+            best[i] = min(best[i], time.perf_counter() - start)
+    ms = best * 1000
+    return (f"refine_plan on {len(calls)} recorded steps: total {ms.sum() / 1000:.2f} s, median "
+            f"{np.median(ms):.2f} ms, p99 {np.percentile(ms, 99):.2f} ms, max {ms.max():.2f} ms")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=500)
@@ -206,11 +246,17 @@ def main(argv=None) -> int:
     parser.add_argument("--frontier", action="store_true",
                         help="where auto misses its targets: auto against every fixed set of "
                         "one or two thresholds on the tuner's grid (about a minute a cell)")
+    parser.add_argument("--refine-time", action="store_true",
+                        help="refine alone on the steps it met in the busiest cells (550M-64K, "
+                        "0.5 steps): planning's costliest part without the rest of the step")
     args = parser.parse_args(argv)
     print(f"{os.cpu_count()}-core CPU, {device_name(torch.device('cpu'))}; {datetime.date.today()}; "
           f"`python scripts/bench_packing.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n")
     if args.frontier:
         print(frontier_table(args.doclens, FRONTIER_CELLS, args.steps, args.seed))
+        return 0
+    if args.refine_time:
+        print(refine_time(args.doclens, args.steps, args.seed))
         return 0
     if args.families:
         print(families_table(args.doclens, args.steps, args.seed))
