@@ -241,6 +241,18 @@ def test_fixed_frontier_lists_the_best_sets_within_the_budget():
     assert all(0 < t < 1 for _, _, ts in best for t in ts)
 
 
+def test_refine_time_replays_the_recorded_steps(monkeypatch):
+    sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
+    import bench_packing
+
+    # generated lengths only: the doclens files may not be beside a checkout
+    monkeypatch.setattr(bench_packing, "REFINE_TIME_CELLS", [("550M-64K", "pareto")])
+    line = bench_packing.refine_time(None, steps=4, seed=0, repeats=1)
+    assert line.startswith("refine_plan on 4 recorded steps")
+    from wlbtrain.data import packing, refine
+    assert packing.refine_plan is refine.refine_plan  # the recording hook is gone
+
+
 # ------------------------------------------------------------------ replaying the packer's greedy
 
 def greedy_run(lengths, thresholds, steps=10 ** 6):
