@@ -538,7 +538,8 @@ class WlbPacker(Packer):
                 queue.items.append(item)
 
     def _return_to_queue(self, item: Item) -> bool:
-        # after the thresholds moved, a piece may lie below every band: the lowest queue takes it
+        # a queued piece lies in its queue's band, except in a state saved before a move re-queued
+        # held pieces (queues then kept theirs): the lowest queue takes one below every band
         queue = self._queue_for(item[2]) or (self.queues[0] if self.queues else None)
         if queue is not None:
             queue.items.appendleft(item)
