@@ -90,8 +90,10 @@ RETUNE_MIN_GAIN = 0.01
 VERIFY_CANDIDATES = 6
 # Steps of the window's most recent records each replay runs (the same ones for every set).
 REPLAY_STEPS = 96
-# A window of fewer steps is not replayed (the first search, soon after the start).
-MIN_REPLAY_STEPS = 24
+# A window of fewer steps is not replayed. The first search (at MIN_WINDOW_STEPS) is replayed
+# too: on its few steps the replay still ranks sets better than the estimate alone (twelve
+# seeds: BENCHMARKS.md, "Shipped 2026-12-07").
+MIN_REPLAY_STEPS = MIN_WINDOW_STEPS
 # Replay steps a planning step may spend while a search verifies (~0.5-1 ms): a verification
 # ends in ~30 planning steps, so the queues follow the data with less lag than at 8 (twelve
 # seeds: BENCHMARKS.md, "Shipped 2026-12-06").
