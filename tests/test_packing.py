@@ -192,6 +192,26 @@ def test_refine_lowers_near_tied_heavy_micro_batches_together():
     assert sum(p[2] for p in held) <= 400
 
 
+def test_refine_skips_only_searches_that_cannot_win(monkeypatch):
+    # refine skips partners and shaves whose floor cannot beat the bar; searching everything
+    # (an infinite bar) must find the same moves, so a whole epoch plans identically
+    import math
+
+    from wlbtrain.data import refine
+
+    def epoch():
+        stream = DocumentStream(long_tail_lengths(n=8000, seed=2), 0, CONTEXT, loop=False)
+        packer = make_packer("wlb", context=CONTEXT, max_tokens_per_micro_batch=CONTEXT,
+                             n_micro_batches=8, cost_model=COST, refine=True)
+        return list(iter(lambda: packer.pack(stream), None))
+
+    bounded = epoch()
+    pair, shave = refine._best_pair_move, refine._best_shave
+    monkeypatch.setattr(refine, "_best_pair_move", lambda *a: pair(*a[:-1], math.inf))
+    monkeypatch.setattr(refine, "_best_shave", lambda *a: shave(*a[:-1], math.inf))
+    assert len(bounded) > 100 and epoch() == bounded
+
+
 def test_outliers_wait_and_leave_in_groups_one_per_micro_batch():
     # ten outliers of 3000 tokens (queue [2048, ∞)) among short documents
     lengths = np.array([3000] * 10 + [100] * 800)

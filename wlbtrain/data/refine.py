@@ -67,6 +67,31 @@ class _Bin:
         self._update_totals()
 
 
+class _Carry:
+    """The step's carry-over under local search, in its order, with its lengths and costs kept
+    as arrays: it can hold hundreds of short pieces, too many to read again every move."""
+
+    def __init__(self, items: list[Item], cost_model: CostModel):
+        self.cost_model = cost_model
+        self.items = list(items)
+        self.lengths = np.array([it[2] for it in self.items], dtype=np.int64)
+        self.costs = cost_model.piece_costs(self.lengths)
+        self.tokens = int(self.lengths.sum())
+
+    def pop(self, k: int) -> Item:
+        item = self.items.pop(k)
+        self.lengths = np.delete(self.lengths, k)
+        self.costs = np.delete(self.costs, k)
+        self.tokens -= item[2]
+        return item
+
+    def append(self, item: Item) -> None:
+        self.items.append(item)
+        self.lengths = np.append(self.lengths, item[2])
+        self.costs = np.append(self.costs, self.cost_model.piece_cost(item[2]))
+        self.tokens += item[2]
+
+
 def refine_plan(bins: list[list[Item]], left: list[Item], capacity: int, cost_model: CostModel,
                 max_moves: int = DEFAULT_REFINE_MOVES, max_carry: int = 0,
                 may_hold=lambda item: True) -> tuple[list[list[Item]], list[Item]]:
@@ -83,7 +108,7 @@ def refine_plan(bins: list[list[Item]], left: list[Item], capacity: int, cost_mo
     the heavy ones (they wait one step) is often the only way down to balance.
     """
     state = [_Bin(b, cost_model, may_hold) for b in bins]
-    left = list(left)
+    left = _Carry(left, cost_model)
     n = len(state)
     for _ in range(max_moves):
         costs = np.array([b.cost for b in state])
@@ -93,15 +118,21 @@ def refine_plan(bins: list[list[Item]], left: list[Item], capacity: int, cost_mo
         current = costs.max() * n / total
         if current <= REFINE_GOOD_ENOUGH:
             break
-        candidates = [_best_pair_move(state, costs, capacity),
-                      _best_insert(state, costs, left, capacity, cost_model),
-                      _best_hold(state, costs, left, max_carry),
-                      _best_shave(state, costs, left, max_carry)]
+        bar = current * (1 - REFINE_MIN_GAIN)  # what a move must score below
+        # the first best in this order wins ties; the costliest searches go first and last
+        # and skip what cannot beat the bar (or, for the shave, the others' best)
+        candidates = [_best_pair_move(state, costs, capacity, bar),
+                      _best_insert(state, costs, left, capacity),
+                      _best_hold(state, costs, left, max_carry)]
         best = min((c for c in candidates if c is not None), key=lambda c: c[0], default=None)
-        if best is None or best[0] >= current * (1 - REFINE_MIN_GAIN):
+        beat = bar if best is None else min(best[0], bar)
+        shave = _best_shave(state, costs, left, max_carry, beat)
+        if shave is not None and (best is None or shave[0] < best[0]):
+            best = shave
+        if best is None or best[0] >= bar:
             break
         best[1](state, left)
-    return [b.items for b in state], left
+    return [b.items for b in state], left.items
 
 
 def _rest_max(costs: np.ndarray, exclude: set[int]) -> float:
@@ -109,8 +140,9 @@ def _rest_max(costs: np.ndarray, exclude: set[int]) -> float:
     return max(rest) if rest else 0.0
 
 
-def _best_pair_move(state, costs, capacity):
-    """Best move or swap of a piece of the most loaded micro-batch h with another micro-batch."""
+def _best_pair_move(state, costs, capacity, bar):
+    """Best move or swap of a piece of the most loaded micro-batch h with another micro-batch;
+    partners that cannot score below ``bar`` are not searched."""
     n, total = len(state), costs.sum()
     h = int(np.argmax(costs))
     src = state[h]
@@ -122,6 +154,12 @@ def _best_pair_move(state, costs, capacity):
         b = int(b)
         dst = state[b]
         rest = _rest_max(costs, {h, b})
+        # no transfer leaves the pair below their mean or the rest below its max: skip b when
+        # even that cannot beat the best so far (the margin covers the mean's rounding, so the
+        # result is the one without the skip)
+        floor = max(rest, (src.cost + dst.cost) / 2 * (1 - 1e-9)) * n / total
+        if floor >= (bar if best is None else min(best[0], bar)):
+            continue
         room = capacity - dst.tokens
         found = _best_transfer(src, dst, room)
         if found is None:
@@ -144,24 +182,24 @@ def _best_transfer(src: _Bin, dst: _Bin, room: int):
     # move: dst takes p whole
     ok = src.lengths <= room
     if ok.any():
-        peak = np.maximum(src.cost - src.costs, dst.cost + src.costs)
-        peak = np.where(ok, peak, np.inf)
-        p = int(np.argmin(peak))
+        peak = np.where(ok, np.maximum(src.cost - src.costs, dst.cost + src.costs), np.inf)
+        p = int(peak.argmin())
         best = (float(peak[p]), p, None)
     if len(dst.items):
-        # swap: for each p the ideal q has cost c_p − gap/2; dst is sorted by length (so by cost)
-        target = src.costs - gap / 2
-        lo = np.searchsorted(dst.lengths, src.lengths - room, side="left")
-        hi = np.searchsorted(dst.lengths, src.lengths, side="left")  # q strictly shorter
-        mid = np.searchsorted(dst.costs, target, side="left")
-        for q in (_clip(mid - 1, lo, hi - 1), _clip(mid, lo, hi - 1)):
-            valid = (hi > lo) & (q >= 0)
-            qc = dst.costs[_clip(q, 0, len(dst.costs) - 1)]
-            delta = src.costs - qc
-            peak = np.where(valid, np.maximum(src.cost - delta, dst.cost + delta), np.inf)
-            p = int(np.argmin(peak))
-            if np.isfinite(peak[p]) and (best is None or peak[p] < best[0]):
-                best = (float(peak[p]), p, int(q[p]))
+        # swap: for each p the ideal q has cost c_p − gap/2; dst is sorted by length (so by
+        # cost): the two q around it, within [lo, hi), as the rows of one [2, P] array
+        lo = dst.lengths.searchsorted(src.lengths - room, side="left")
+        hi = dst.lengths.searchsorted(src.lengths, side="left")  # q strictly shorter
+        mid = dst.costs.searchsorted(src.costs - gap / 2, side="left")
+        q = _clip(np.stack((mid - 1, mid)), lo, hi - 1)
+        delta = src.costs - dst.costs[_clip(q, 0, len(dst.costs) - 1)]
+        peak = np.where((hi > lo) & (q >= 0),
+                        np.maximum(src.cost - delta, dst.cost + delta), np.inf)
+        # the first minimum in row order: the lower q wins a tie, and a move before either
+        i = int(peak.argmin())
+        row, p = divmod(i, peak.shape[1])
+        if np.isfinite(peak[row, p]) and (best is None or peak[row, p] < best[0]):
+            best = (float(peak[row, p]), p, int(q[row, p]))
     return best
 
 
@@ -180,25 +218,23 @@ def _apply_transfer(h, b, p, q):
     return apply
 
 
-def _best_insert(state, costs, left, capacity, cost_model):
+def _best_insert(state, costs, left, capacity):
     """Best left-over piece to put into a micro-batch without raising the step's max."""
-    if not left:
+    if not left.items:
         return None
     n, total, peak = len(state), costs.sum(), costs.max()
-    lengths = np.array([it[2] for it in left], dtype=np.int64)
-    extra = cost_model.piece_costs(lengths)
-    shortest = int(lengths.min())
-    best = None
-    for b, bin_ in enumerate(state):
-        if capacity - bin_.tokens < shortest:
-            continue
-        ok = lengths <= capacity - bin_.tokens
-        score = np.maximum(peak, bin_.cost + extra) * n / (total + extra)
-        score = np.where(ok, score, np.inf)
-        k = int(np.argmin(score))
-        if best is None or score[k] < best[0]:
-            best = (float(score[k]), _apply_insert(b, k))
-    return best
+    lengths, extra = left.lengths, left.costs
+    # [micro-batch, piece] at once; the first minimum in row order, as a loop over them would
+    tokens = np.array([b.tokens for b in state])[:, None]
+    bin_costs = np.array([b.cost for b in state])[:, None]
+    ok = lengths[None, :] <= capacity - tokens
+    score = np.maximum(peak, bin_costs + extra) * n / (total + extra)
+    score = np.where(ok, score, np.inf)
+    i = int(score.argmin())
+    if not np.isfinite(score.flat[i]):
+        return None
+    b, k = divmod(i, len(left.items))
+    return float(score.flat[i]), _apply_insert(b, k)
 
 
 def _apply_insert(b, k):
@@ -209,7 +245,7 @@ def _apply_insert(b, k):
 
 def _best_hold(state, costs, left, max_carry):
     """Best piece of the most loaded micro-batch to carry over to the next step."""
-    room = max_carry - sum(item[2] for item in left)
+    room = max_carry - left.tokens
     h = int(np.argmax(costs))
     src = state[h]
     if room <= 0 or not src.items:
@@ -225,13 +261,14 @@ def _best_hold(state, costs, left, max_carry):
     return float(score[p]), _apply_hold(h, p)
 
 
-def _best_shave(state, costs, left, max_carry):
+def _best_shave(state, costs, left, max_carry, bar):
     """Hold back one piece from each of the k most loaded micro-batches at once (2 ≤ k < n).
 
     When several micro-batches tie near the top, holding from one alone leaves the max where it
     was and lowers the mean, so no single move helps; lowering them together to the next one's
-    level does. Each gives the piece that brings it closest to that level."""
-    room = max_carry - sum(item[2] for item in left)
+    level does. Each gives the piece that brings it closest to that level. None when no group
+    can score below ``bar``."""
+    room = max_carry - left.tokens
     n = len(state)
     if room <= 0 or n < 3:
         return None
@@ -239,28 +276,33 @@ def _best_shave(state, costs, left, max_carry):
     tied = int((costs >= costs.max() * (1 - REFINE_TIE)).sum())
     if tied < 2:
         return None  # a single hold from the heaviest does it
-    # each tied micro-batch's cost after holding back each of its pieces (inf where it may not
-    # hold that piece): the same for every k, so computed once rather than per (k, micro-batch)
-    after = {}
-    for b in map(int, order[:min(tied + 1, n - 1)]):
+    top = min(tied + 1, n - 1)  # the largest group
+    # a group leaves the micro-batch after it untouched and lowers the total: its score is at
+    # least that one's cost over the current mean (the margin covers the sum's rounding)
+    if costs[order[top]] * n / costs.sum() * (1 - 1e-9) >= bar:
+        return None
+    levels = costs[order[2:top + 1]]  # what a group of k lowers itself to: the (k+1)-th cost
+    # picks[j][i]: the piece the j-th heaviest holds back in a group of k = i + 2, the one whose
+    # after-hold cost is closest to that level; one argmin per micro-batch for every k at once
+    picks = []
+    for b in map(int, order[:top]):
         src = state[b]
         ok = src.holdable & (src.lengths <= room)
-        after[b] = np.where(ok, src.cost - src.costs, np.inf) if ok.any() else None
+        if not ok.any():
+            break  # this one and every larger group cannot hold
+        after = np.where(ok, src.cost - src.costs, np.inf)
+        picks.append(np.argmin(np.abs(after[:, None] - levels[None, :]), axis=0))
     best = None
-    for k in range(2, min(tied + 1, n - 1) + 1):
-        level = costs[order[k]]
-        picks, new = [], costs.copy()
-        for b in map(int, order[:k]):
-            if after[b] is None:
-                break
-            p = int(np.argmin(np.abs(after[b] - level)))
-            picks.append((b, p))
-            new[b] -= state[b].costs[p]
-        if len(picks) < k or sum(int(state[b].lengths[p]) for b, p in picks) > room:
+    for k in range(2, min(len(picks), top) + 1):
+        group = [(int(order[j]), int(picks[j][k - 2])) for j in range(k)]
+        if sum(int(state[b].lengths[p]) for b, p in group) > room:
             continue
+        new = costs.copy()
+        for b, p in group:
+            new[b] -= state[b].costs[p]
         score = new.max() * n / max(new.sum(), _EPS)
         if best is None or score < best[0]:
-            best = (float(score), _apply_shave(picks))
+            best = (float(score), _apply_shave(group))
     return best
 
 
