@@ -141,3 +141,26 @@ def test_activation_checkpointing_keeps_loss_and_gradients():
         torch.testing.assert_close(results[mode][0], results["none"][0])
         for name, grad in results[mode][1].items():
             torch.testing.assert_close(grad, results["none"][1][name], msg=name)
+
+
+def test_checkpointing_lets_the_device_initialise_inside_a_recomputed_layer(monkeypatch):
+    # A CPU run on a GPU host initialises CUDA when the first checkpointed layer compiles; torch
+    # refuses that if the checkpoint stashed RNG states (seen on the GPU image). Simulate that
+    # host (checkpoint's default device is then CUDA) and the initialisation inside the first
+    # recomputed layer: forward and backward must still run.
+    from torch.utils.checkpoint import DefaultDeviceType
+
+    from wlbtrain.models.llama import apply_activation_checkpointing
+
+    monkeypatch.setattr(DefaultDeviceType, "_default_device_type", "cuda")
+
+    model = make_model(5)
+    apply_activation_checkpointing(model, "full", every=1)
+    model.layers["0"].register_forward_pre_hook(
+        lambda *_: monkeypatch.setattr(torch.cuda, "_initialized", True))
+    monkeypatch.setattr(torch.cuda, "_initialized", False)
+    tokens = torch.randint(0, CFG.vocab_size, (16,))
+    attention = segment_attention(reference_attention, torch.tensor([0, 16], dtype=torch.int32), 16)
+    loss = model(tokens, torch.arange(16), attention, labels=torch.roll(tokens, -1))
+    loss.backward()
+    assert torch.cuda._initialized and model.layers["0"].input_layernorm.weight.grad is not None

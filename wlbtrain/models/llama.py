@@ -32,6 +32,11 @@ from .attention import KernelAttention, LocalAttention
 # slices of LOSS_LOGITS // vocab tokens, each recomputed in the backward; one within it runs whole,
 # without the recomputation and the per-slice host work a small vocabulary would be bound by.
 LOSS_LOGITS = 8192 * 32768
+# How activation checkpointing recomputes. The layers and the loss draw no random numbers (no
+# dropout), so there is no RNG state to stash and restore; stashing it would also need the
+# default device (CUDA) initialised before the first checkpoint, and torch refuses a run that
+# initialises it inside one (a CPU run on a GPU host, where compiling the layer does).
+RECOMPUTE = dict(use_reentrant=False, preserve_rng_state=False)
 
 
 class RMSNorm(nn.Module):
@@ -183,7 +188,7 @@ class Llama(nn.Module):
             layer = self.layers[str(i)]
             if layer.recompute:
                 # keep only the layer's input; its activations are rebuilt in the backward
-                x = checkpoint(layer, x, cos, sin, attention, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, attention, **RECOMPUTE)
             else:
                 x = layer(x, cos, sin, attention)
         if not chunk.head:
@@ -198,7 +203,7 @@ class Llama(nn.Module):
         for h_part, labels_part in zip(h.split(chunk), labels.split(chunk)):
             # Recomputed in the backward, so no slice's logits outlive its own loss.
             total = total + checkpoint(self.loss_sum, self.lm_head, h_part, labels_part,
-                                       use_reentrant=False)
+                                       **RECOMPUTE)
         return total
 
     @torch.no_grad()
