@@ -125,14 +125,18 @@ def refine_plan(bins: list[list[Item]], left: list[Item], capacity: int, cost_mo
                       _best_insert(state, costs, left, capacity),
                       _best_hold(state, costs, left, max_carry)]
         best = min((c for c in candidates if c is not None), key=lambda c: c[0], default=None)
-        beat = bar if best is None else min(best[0], bar)
-        shave = _best_shave(state, costs, left, max_carry, beat)
+        shave = _best_shave(state, costs, left, max_carry, _to_beat(best, bar))
         if shave is not None and (best is None or shave[0] < best[0]):
             best = shave
         if best is None or best[0] >= bar:
             break
         best[1](state, left)
     return [b.items for b in state], left.items
+
+
+def _to_beat(best, bar: float) -> float:
+    """The score a further candidate must get below to matter: the bar, or the best so far."""
+    return bar if best is None else min(best[0], bar)
 
 
 def _rest_max(costs: np.ndarray, exclude: set[int]) -> float:
@@ -158,7 +162,7 @@ def _best_pair_move(state, costs, capacity, bar):
         # even that cannot beat the best so far (the margin covers the mean's rounding, so the
         # result is the one without the skip)
         floor = max(rest, (src.cost + dst.cost) / 2 * (1 - 1e-9)) * n / total
-        if floor >= (bar if best is None else min(best[0], bar)):
+        if floor >= _to_beat(best, bar):
             continue
         room = capacity - dst.tokens
         found = _best_transfer(src, dst, room)
