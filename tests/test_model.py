@@ -164,3 +164,20 @@ def test_checkpointing_lets_the_device_initialise_inside_a_recomputed_layer(monk
     loss = model(tokens, torch.arange(16), attention, labels=torch.roll(tokens, -1))
     loss.backward()
     assert torch.cuda._initialized and model.layers["0"].input_layernorm.weight.grad is not None
+
+
+def test_residual_stream_is_in_the_autocast_dtype():
+    """Under autocast the embedding (fp32 weights) is cast to the compute dtype, as FSDP's bf16
+    weights make it, so every layer reads and adds bf16; without autocast nothing changes."""
+    model = make_model(2)
+    seen = []
+    for layer in model.layers.values():
+        layer.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    docs = [torch.randint(0, CFG.vocab_size, (n,)) for n in (9, 13)]
+    full = run(model, docs)
+    assert seen == [torch.float32] * CFG.n_layers and full.dtype == torch.float32
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = run(model, docs)
+    assert seen == [torch.bfloat16] * CFG.n_layers
+    torch.testing.assert_close(low.float(), full, rtol=0.1, atol=0.05)

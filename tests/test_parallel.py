@@ -187,6 +187,22 @@ def test_layout_matches_single_device(tmp_path, tmp_path_factory, store, overrid
 
 
 @pytest.mark.slow
+def test_pipeline_under_bf16_autocast_matches_single_device(tmp_path, tmp_path_factory, store):
+    """The residual stream is bf16 under autocast, so stages exchange bf16 activations and
+    gradients, as on a GPU. The same bf16 products summed in another order move a few weights
+    by a bf16 rounding: tolerances for bf16, not the layouts' fp32 ones."""
+    overrides = ["parallel.dp=1", "parallel.pp=2", "train.micro_batches=4", "data.packing=wlb",
+                 "train.dtype=bfloat16"]
+    ref_loss, ref_weights, _ = single_process_run(tmp_path_factory, store, overrides)
+    loss, weights, _ = run(tmp_path / "pp", store, overrides, 2)
+    assert loss == pytest.approx(ref_loss, rel=1e-4)
+    assert weights.keys() == ref_weights.keys()
+    for name in weights:
+        torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-2, atol=5e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.slow
 @pytest.mark.interpreter
 def test_tensor_parallel_triton_attention_matches_the_single_device_reference(tmp_path, store):
     """The Triton operator on each TP rank's heads (interpreted: short and few steps) trains

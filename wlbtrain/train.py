@@ -364,9 +364,9 @@ class Trainer:
         The measured micro-batch times, reduced over the stages, go to ``pipeline_record``."""
         loss_sum = torch.zeros((), device=self.place.device)
         dim, tp = self.cfg.model.dim, self.dims.tp
-        # FSDP casts each stage's inputs to the compute dtype; without it the residual stream
-        # stays fp32 under autocast
-        dtype = self.place.compute_dtype if self.dims.dp_cp > 1 else torch.float32
+        # the residual stream, and so what stages send each other, is in the compute dtype
+        # (llama.in_compute_dtype)
+        dtype = self.place.compute_dtype
 
         def forward(chunk_id: int, micro: int, inputs):
             nonlocal loss_sum

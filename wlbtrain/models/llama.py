@@ -98,6 +98,14 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(T, -1))
 
 
+def in_compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """The residual stream in the autocast dtype (bf16 on a GPU), as FSDP's bf16 weights make it:
+    one run's numerics do not depend on whether it is data parallel, and the norms, residual adds
+    and their gradients move half the bytes of an fp32 stream. Without autocast, unchanged."""
+    kind = x.device.type
+    return x.to(torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else x
+
+
 @torch.compiler.disable
 def _attend(attention: LocalAttention, q, k, v):
     """Other attention runs outside the compiler: the context-parallel exchange and the
@@ -183,7 +191,7 @@ class Llama(nn.Module):
         """
         chunk = chunk or self.whole()
         cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        x = self.embed_tokens(inputs) if chunk.embed else inputs
+        x = in_compute_dtype(self.embed_tokens(inputs)) if chunk.embed else inputs
         for i in chunk.layers:
             layer = self.layers[str(i)]
             if layer.recompute:
