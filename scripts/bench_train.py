@@ -6,7 +6,8 @@
 
 Runs `wlbtrain train` in this process (or in torchrun's process group) into a fresh out_dir,
 skips the first `--warmup` steps (compilation, caches) and prints one markdown row on rank 0:
-median tokens/s, step time, MFU, memory, first and last loss. With `--lengths`, the documents are
+median tokens/s, step time and MFU, tokens/s and MFU over all timed steps, memory, first and
+last loss. With `--lengths`, the documents are
 `--docs` lengths drawn (seeded) from that file, filled with random tokens: a token store with a
 real length distribution, for throughput and balance (its loss means nothing).
 """
@@ -31,12 +32,21 @@ from wlbtrain.train import train
 
 
 def summarise(rows: list[dict], warmup: int) -> dict:
+    """Medians over the steps after ``warmup`` (a typical step), and totals over the same steps
+    (``*_total``: all their tokens or FLOPs over all their time, what a run's throughput is; it
+    counts the slow steps a median skips, and with wlb packing the steps whose documents run
+    less efficiently)."""
     timed = rows[warmup:] or rows
     mfu = [r["mfu"] for r in timed if r["mfu"] is not None]
+    time_s = sum(r["step_time_s"] for r in timed)
     return {"steps": len(rows), "tokens_per_step": statistics.median(r["tokens"] for r in timed),
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
             "step_time_s": statistics.median(r["step_time_s"] for r in timed),
             "mfu": statistics.median(mfu) if mfu else None,
+            "tokens_per_s_total": sum(r["tokens"] for r in timed) / time_s,
+            # each step's FLOPs are its MFU × peak × time: the total is the time-weighted mean
+            "mfu_total": (sum(r["mfu"] * r["step_time_s"] for r in timed) / time_s
+                          if len(mfu) == len(timed) else None),
             "memory_gib": max(r["memory_gib"] for r in rows),
             # host time on the step's critical path (waiting for its input), as a share of it
             "input_wait_share": statistics.median(r.get("input_wait_s", 0) / r["step_time_s"]
@@ -164,13 +174,16 @@ def main() -> int:
                **summarise(rows, args.warmup)}
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1))
-    mfu = "n/a" if summary["mfu"] is None else f"{100 * summary['mfu']:.1f}%"
-    print("| recipe | device | tokens/step | tokens/s | step s | MFU | peak mem GiB | "
-          "input wait % of step | input build ms | loss first → last | wall s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    mfu, mfu_total = ("n/a" if summary[k] is None else f"{100 * summary[k]:.1f}%"
+                      for k in ("mfu", "mfu_total"))
+    print("| recipe | device | tokens/step | tokens/s | step s | MFU | tokens/s, MFU over all "
+          "timed steps | peak mem GiB | input wait % of step | input build ms | "
+          "loss first → last | wall s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print(f"| {args.recipe} {' '.join(args.overrides)} | {summary['device']} | "
           f"{summary['tokens_per_step']:.0f} | {summary['tokens_per_s']:,.0f} | "
-          f"{summary['step_time_s']:.3f} | {mfu} | {summary['memory_gib']:.2f} | "
+          f"{summary['step_time_s']:.3f} | {mfu} | "
+          f"{summary['tokens_per_s_total']:,.0f}, {mfu_total} | {summary['memory_gib']:.2f} | "
           f"{100 * summary['input_wait_share']:.2f}% | {1e3 * summary['input_build_s']:.1f} | "
           f"{summary['loss_first']:.3f} → {summary['loss_last']:.3f} | {wall:.0f} |")
     return 0

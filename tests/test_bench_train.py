@@ -1,4 +1,4 @@
-"""The profiler summary of scripts/bench_train.py: where the GPU waited."""
+"""scripts/bench_train.py's summaries: the timed steps, and where the GPU waited."""
 
 import importlib.util
 from pathlib import Path
@@ -30,3 +30,18 @@ def test_idle_report_finds_the_gap_and_the_host_work_beside_it():
     assert report[2].split() == ["0.32", "ms", "step"]
     assert report[3].split() == ["0.28", "ms", "optimizer"]
     assert report[-3].split()[0] == "0.300" and report[-3].endswith("adam")
+
+
+def test_summary_gives_medians_and_totals_over_the_timed_steps():
+    def row(tokens, seconds, mfu):
+        return {"tokens": tokens, "step_time_s": seconds, "tokens_per_s": tokens / seconds,
+                "mfu": mfu, "memory_gib": 1.0, "loss": 1.0}
+
+    warm = [row(100, 10.0, 0.01)]  # compiling: outside both
+    timed = [row(100, 1.0, 0.30), row(100, 1.0, 0.30), row(100, 2.0, 0.15), row(50, 1.0, 0.20)]
+    summary = bench_train.summarise(warm + timed, warmup=1)
+    assert summary["tokens_per_s"] == 75 and summary["mfu"] == 0.25  # medians of 4 steps
+    # 350 tokens in 5 s; FLOPs 0.3 + 0.3 + 0.3 + 0.2 peak-seconds over 5 s
+    assert summary["tokens_per_s_total"] == 70
+    assert abs(summary["mfu_total"] - 0.22) < 1e-12
+    assert bench_train.summarise(warm + [{**timed[0], "mfu": None}], 1)["mfu_total"] is None
