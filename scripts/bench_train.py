@@ -7,9 +7,9 @@
 Runs `wlbtrain train` in this process (or in torchrun's process group) into a fresh out_dir,
 skips the first `--warmup` steps (compilation, caches) and prints one markdown row on rank 0:
 median tokens/s, step time and MFU, tokens/s and MFU over all timed steps, memory, first and
-last loss. With `--lengths`, the documents are
-`--docs` lengths drawn (seeded) from that file, filled with random tokens: a token store with a
-real length distribution, for throughput and balance (its loss means nothing).
+last loss. With `--lengths`, the documents are `--docs` lengths drawn (seeded) from that file,
+filled with random tokens: a token store with a real length distribution, for throughput and
+balance (its loss means nothing).
 """
 
 import argparse

@@ -189,8 +189,8 @@ def test_layout_matches_single_device(tmp_path, tmp_path_factory, store, overrid
 @pytest.mark.slow
 def test_pipeline_under_bf16_autocast_matches_single_device(tmp_path, tmp_path_factory, store):
     """The residual stream is bf16 under autocast, so stages exchange bf16 activations and
-    gradients, as on a GPU. The same bf16 products summed in another order move a few weights
-    by a bf16 rounding: tolerances for bf16, not the layouts' fp32 ones."""
+    gradients, as on a GPU. Losses agree; after four steps 2 of the 16,384 embedding weights
+    differed by up to 7e-5 (when written): tolerances for bf16, not the layouts' fp32 ones."""
     overrides = ["parallel.dp=1", "parallel.pp=2", "train.micro_batches=4", "data.packing=wlb",
                  "train.dtype=bfloat16"]
     ref_loss, ref_weights, _ = single_process_run(tmp_path_factory, store, overrides)
