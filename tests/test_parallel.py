@@ -172,6 +172,11 @@ def test_layout_matches_single_device(tmp_path, tmp_path_factory, store, overrid
     ref_loss, ref_weights, ref_moments = single_process_run(tmp_path_factory, store, overrides)
     loss, weights, moments = run(tmp_path / "layout", store, overrides, nproc)
     assert loss == pytest.approx(ref_loss, rel=1e-5), description
+    if "parallel.pp=2" in overrides:  # metrics.jsonl's pipeline keys, on every step
+        rows = (tmp_path / "layout" / "metrics.jsonl").read_text().splitlines()
+        for row in map(json.loads, rows):
+            assert row["measured_imbalance"] >= 1.0 and 0.0 <= row["bubble"] < 1.0, row
+            assert len(row["stage_busy_s"]) == 2 and min(row["micro_batch_times_s"]) > 0, row
     assert weights.keys() == ref_weights.keys()
     for name in weights:
         torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-4, atol=5e-5,
