@@ -11,6 +11,7 @@ BAD_OVERRIDES = [
     (["train.steps=ten"], "train.steps"),
     (["train.steps=-1"], "train.steps"),
     (["train.lr=0"], "train.lr"),
+    (["train.gc_every=-1"], "train.gc_every"),
     (["model.n_kv_heads=3"], "model.n_kv_heads"),
     (["model.dim=100"], "model.dim"),
     (["data.packing=greedy"], "data.packing"),

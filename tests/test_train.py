@@ -1,6 +1,7 @@
 """End to end on the CPU: the debug recipe learns, checkpoints are complete and atomic, and a
 resumed run continues exactly where an uninterrupted one goes."""
 
+import gc
 import json
 import time
 
@@ -13,7 +14,7 @@ from wlbtrain import checkpoint as ckpt
 from wlbtrain.config import load_config
 from wlbtrain.data.store import write_store
 from wlbtrain.metrics import DeviceScalars, DoneMark
-from wlbtrain.train import Trainer, train
+from wlbtrain.train import CollectBetweenSteps, Trainer, train
 
 TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
         "model.ffn_dim=128", "data.context=512", "train.micro_batches=2", "train.lr=3e-3",
@@ -167,6 +168,54 @@ def test_step_time_is_each_steps_own(tmp_path, cache_dir, monkeypatch):
     assert len(times) == 4 and min(times) >= 0.5, times
     # one step's sleep, not two: the steps after the first start from a warm model
     assert max(times[1:]) < 0.9, times
+
+
+def test_the_collector_runs_between_steps_on_its_schedule():
+    """Automatic collection is off inside; the young generations are collected at every third
+    step, everything after a save; the collector's state before is restored after."""
+    seen = []
+
+    def record(phase, info):
+        if phase == "stop":
+            seen.append(info["generation"])
+
+    gc.callbacks.append(record)
+    try:
+        with CollectBetweenSteps(3) as collector:
+            assert not gc.isenabled()
+            for step in range(1, 8):
+                seen.append(f"step {step}")
+                collector.after_launch(step)
+            collector.after_save()
+        assert gc.isenabled()
+        with CollectBetweenSteps(0) as collector:  # automatic: nothing scheduled
+            assert gc.isenabled()
+            collector.after_launch(3)
+            collector.after_save()
+        gc.disable()  # a user's own choice stays
+        with CollectBetweenSteps(3):
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+        gc.callbacks.remove(record)
+    assert seen == ["step 1", "step 2", "step 3", 1, "step 4", "step 5", "step 6", 1, "step 7",
+                    2], seen
+
+
+@pytest.mark.parametrize("every, inside", [(2, False), (0, True)])
+def test_training_steps_run_with_the_configured_collector(tmp_path, cache_dir, monkeypatch,
+                                                         every, inside):
+    enabled = []
+    original = Trainer.train_step
+
+    def watching(self, plan, *rest):
+        enabled.append(gc.isenabled())
+        return original(self, plan, *rest)
+
+    monkeypatch.setattr(Trainer, "train_step", watching)
+    train(tiny(tmp_path, cache_dir, "train.steps=3", f"train.gc_every={every}"))
+    assert enabled == [inside] * 3 and gc.isenabled()
 
 
 @pytest.mark.parametrize("bad_step", [2, 3])

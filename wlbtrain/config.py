@@ -147,12 +147,16 @@ class TrainConfig:
     # Regional torch.compile of each decoder layer and the loss: auto = on a GPU, not on the CPU
     compile: Literal["auto", True, False] = "auto"
     activation_checkpointing_every: int = 2
+    # Python's garbage collector runs between steps, not inside them: its young generations
+    # every gc_every steps, a full pass at each checkpoint; 0 leaves it automatic
+    gc_every: int = 50
 
     def validate(self) -> None:
         _require(self.steps >= 0, "train.steps", "an integer >= 0")
         _require(self.activation_checkpointing_every >= 1, "train.activation_checkpointing_every",
                  "an integer >= 1")
         _require(self.micro_batches >= 1, "train.micro_batches", "an integer >= 1")
+        _require(self.gc_every >= 0, "train.gc_every", "an integer >= 0 (0: automatic)")
         _require(self.lr > 0, "train.lr", "a positive number")
         _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "a number in [0, 1]")
         _require(self.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0")
