@@ -206,6 +206,7 @@ def test_the_collector_runs_between_steps_on_its_schedule():
 @pytest.mark.parametrize("every, inside", [(2, False), (0, True)])
 def test_training_steps_run_with_the_configured_collector(tmp_path, cache_dir, monkeypatch,
                                                          every, inside):
+    """The trainer's steps run with automatic collection off by default, on with 0; on after."""
     enabled = []
     original = Trainer.train_step
 
