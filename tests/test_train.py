@@ -203,6 +203,31 @@ def test_the_collector_runs_between_steps_on_its_schedule():
                     2], seen
 
 
+def test_without_checkpoints_every_few_rounds_collect_everything():
+    """With no save to run a full pass, every FULL_ROUNDS-th scheduled collection is one; a save
+    starts the count again."""
+    seen = []
+
+    def record(phase, info):
+        if phase == "stop":
+            seen.append(info["generation"])
+
+    rounds = CollectBetweenSteps.FULL_ROUNDS
+    gc.callbacks.append(record)
+    try:
+        with CollectBetweenSteps(2) as collector:
+            for step in range(1, 2 * (2 * rounds + 2) + 1):
+                collector.after_launch(step)
+                if step == 2 * (rounds + 1):
+                    collector.after_save()
+    finally:
+        gc.enable()
+        gc.callbacks.remove(record)
+    # rounds - 1 young, a full one; a young one, the save's full one; rounds - 1 young, a full one
+    young = [1] * (rounds - 1)
+    assert seen == young + [2] + [1, 2] + young + [2] + [1], seen
+
+
 @pytest.mark.parametrize("every, inside", [(2, False), (0, True)])
 def test_training_steps_run_with_the_configured_collector(tmp_path, cache_dir, monkeypatch,
                                                          every, inside):

@@ -144,10 +144,16 @@ class CollectBetweenSteps:
     model's objects (0.1–0.3 s) lands inside whichever step crosses its allocation threshold,
     and under data or pipeline parallelism that rank's pause stalls every rank at the next
     collective: imbalance no packing removes. Here it runs on every rank at the same steps,
-    right after the next step is launched, so the device has queued work while it runs."""
+    right after the next step is launched, so the device has queued work while it runs.
+    Everything is collected after each checkpoint, and every FULL_ROUNDS-th scheduled collection
+    when no checkpoint came since (``checkpoint.every: 0``): cyclic garbage that outlived the
+    young generations is then freed within a bounded number of steps, not at the run's end."""
+
+    FULL_ROUNDS = 20  # at the default gc_every (50): a full pass per 1,000 steps at most
 
     def __init__(self, every: int):
         self.every = every  # 0: automatic
+        self.rounds = 0  # scheduled collections since the last full one
 
     def __enter__(self):
         self.was_enabled = gc.isenabled()
@@ -157,11 +163,19 @@ class CollectBetweenSteps:
 
     def after_launch(self, step: int) -> None:
         if self.every and step % self.every == 0:
-            gc.collect(1)  # the young generations: milliseconds
+            self.rounds += 1
+            if self.rounds >= self.FULL_ROUNDS:
+                self._collect_all()
+            else:
+                gc.collect(1)  # the young generations: milliseconds
 
     def after_save(self) -> None:
         if self.every:
-            gc.collect()  # everything, while a checkpoint pauses the run anyway
+            self._collect_all()  # while a checkpoint pauses the run anyway
+
+    def _collect_all(self) -> None:
+        gc.collect()
+        self.rounds = 0
 
     def __exit__(self, *exc):
         if self.was_enabled:
