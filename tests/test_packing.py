@@ -278,8 +278,8 @@ def test_token_delays(variant):
 
 
 def test_default_thresholds_scale_with_the_limit():
-    assert default_outlier_thresholds(131072) == [32768, 65536]
-    assert default_outlier_thresholds(65536) == [16384, 32768]
+    assert default_outlier_thresholds(131072) == [32768, 65536, 131072]
+    assert default_outlier_thresholds(65536) == [16384, 32768, 65536]
 
 
 def test_make_packer_rejects_bad_input():

@@ -49,7 +49,7 @@ Item = tuple[int, int, int, int]
 
 PACKINGS = ("plain", "fixed", "wlb")
 # wlb outlier thresholds as fractions of the longest piece; see default_outlier_thresholds.
-DEFAULT_THRESHOLD_FRACTIONS = (0.25, 0.5)
+DEFAULT_THRESHOLD_FRACTIONS = (0.25, 0.5, 1.0)
 AUTO = "auto"  # data.outlier_thresholds: tuned online (wlbtrain.data.tuning)
 
 
@@ -63,13 +63,17 @@ def max_piece_for(packing: str, context: int, max_tokens_per_micro_batch: int) -
 
 
 def default_outlier_thresholds(max_piece: int) -> list[int]:
-    """Two delay queues, at 1/4 and 1/2 of the longest piece (``max_piece_for``): fixed
-    thresholds' fallback, and where ``auto`` starts before it has seen any lengths.
+    """Where ``auto`` starts, until its first search moves the queues: at 1/4, 1/2 and all of the
+    longest piece (``max_piece_for``).
 
-    Tuned on the doclens samples (see BENCHMARKS.md, "Packing balance"): a queue adds about
-    (mean length of its pieces) / (2 · context) steps of average token delay whatever its
-    threshold, so two queues stay under half a step, while below a quarter of the longest piece
-    the greedy balances pieces well by itself.
+    The first two were tuned on the doclens samples (see BENCHMARKS.md, "Packing balance"): a
+    queue adds about (mean length of its pieces) / (2 · context) steps of average token delay
+    whatever its threshold, so two queues stay under half a step, while below a quarter of the
+    longest piece the greedy balances pieces well by itself. The last is a queue of full pieces
+    alone (documents longer than the context are cut into them): a full piece fills its
+    micro-batch, so a step that holds one balances only if every micro-batch holds one. Grouped
+    with shorter outliers in the top queue, documents longer than the context (all-long at
+    7B-128K) ran at 1.1–1.5 until the first search (BENCHMARKS.md, "A queue for full pieces").
     """
     return sorted({max(1, int(max_piece * f)) for f in DEFAULT_THRESHOLD_FRACTIONS})
 
