@@ -108,7 +108,8 @@ def test_auto_moves_thresholds_and_keeps_every_token_exactly_once():
 def test_before_the_first_search_full_pieces_share_steps_only_with_full_pieces():
     """Documents longer than the context are cut into full pieces and a remainder; auto starts
     with a queue of full pieces alone, so a step holds one in every micro-batch or in none
-    (grouped with the remainders, a step mixed them and ran ~1.2 unbalanced)."""
+    (grouped with the remainders, a step mixed them and ran ~1.2 unbalanced). The first search
+    weighs only the other queues, and that one goes."""
     lengths = FAMILIES["all-long"](300, 0) // 32  # 1K .. 16K tokens at a 4K context
     stream, packer = DocumentStream(lengths, 0, CONTEXT, loop=True), auto_packer(budget=1.0)
     assert packer.thresholds == [CONTEXT // 4, CONTEXT // 2, CONTEXT]
@@ -119,6 +120,9 @@ def test_before_the_first_search_full_pieces_share_steps_only_with_full_pieces()
         assert full in ([0] * 4, [1] * 4), full
         steps_with_full += full[0]
     assert steps_with_full >= 3
+    while packer.tuner.search is not None:  # the first search ends: the start's queue goes
+        packer.pack(stream)
+    assert all(t < CONTEXT for t in packer.thresholds)
 
 
 def test_moving_thresholds_queues_held_pieces_again_by_their_new_bands():

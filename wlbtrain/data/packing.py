@@ -63,8 +63,8 @@ def max_piece_for(packing: str, context: int, max_tokens_per_micro_batch: int) -
 
 
 def default_outlier_thresholds(max_piece: int) -> list[int]:
-    """Where ``auto`` starts, until its first search moves the queues: at 1/4, 1/2 and all of the
-    longest piece (``max_piece_for``).
+    """Where ``auto`` starts, until its first search ends: at 1/4, 1/2 and all of the longest
+    piece (``max_piece_for``).
 
     The first two were tuned on the doclens samples (see BENCHMARKS.md, "Packing balance"): a
     queue adds about (mean length of its pieces) / (2 · context) steps of average token delay
@@ -73,7 +73,9 @@ def default_outlier_thresholds(max_piece: int) -> list[int]:
     alone (documents longer than the context are cut into them): a full piece fills its
     micro-batch, so a step that holds one balances only if every micro-batch holds one. Grouped
     with shorter outliers in the top queue, documents longer than the context (all-long at
-    7B-128K) ran at 1.1–1.5 until the first search (BENCHMARKS.md, "A queue for full pieces").
+    7B-128K) ran at 1.1–1.5 until the first search (BENCHMARKS.md, "a queue for full pieces").
+    That queue is the start's only: the search weighs the others, and keeps them alone where
+    nothing beats them (ThresholdTuner.step).
     """
     return sorted({max(1, int(max_piece * f)) for f in DEFAULT_THRESHOLD_FRACTIONS})
 

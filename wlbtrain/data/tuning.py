@@ -508,10 +508,13 @@ class ThresholdTuner:
 
     def step(self, step: int, current: list[int]) -> Optional[list[int]]:
         """Advance the tuning by one packer step; new thresholds, or None to keep ``current``."""
+        # the full pieces' own queue is the start's only (see default_outlier_thresholds): the
+        # search weighs the rest, and where nothing beats them by enough, they stay alone
+        searched = [t for t in current if t < self.max_piece]
         if self.search is None and self.due(step) and self.window:
             self.searches += 1
             snapshot = np.array(self.window, dtype=np.int64).reshape(-1, 3)
-            self.search = ThresholdSearch.start(snapshot, self.max_piece, current, self.replay)
+            self.search = ThresholdSearch.start(snapshot, self.max_piece, searched, self.replay)
         if self.search is None:
             return None
         size = len(self.search.lengths) + ESTIMATE_OVERHEAD_RECORDS
@@ -522,10 +525,11 @@ class ThresholdTuner:
             return None
         search, self.search = self.search, None
         better = search.best_score < search.current_score - RETUNE_MIN_GAIN
-        if search.best == list(current) or not better:
+        chosen = search.best if better else searched
+        if chosen == list(current):
             return None
         self.retunes += 1
-        return search.best
+        return chosen
 
     def state_dict(self) -> dict:
         return {"window": [list(r) for r in self.window], "max_token_delay": self.max_token_delay,
