@@ -100,7 +100,8 @@ def test_auto_moves_thresholds_and_keeps_every_token_exactly_once():
         seen.add(tuple(packer.thresholds))
         trained += [p for mb in plan for p in mb]
         assert all(sum(p[2] for p in mb) <= CONTEXT for mb in plan)
-    assert len(seen) > 1 and packer.tuner.retunes >= 1
+    # beyond the start: a search that only drops the full-piece queue is one move
+    assert len(seen) > 2 and packer.tuner.retunes >= 2
     assert packer.pending() == []
     assert_same_tokens(lengths, trained, stream.emitted)
 
