@@ -74,8 +74,8 @@ def default_outlier_thresholds(max_piece: int) -> list[int]:
     micro-batch, so a step that holds one balances only if every micro-batch holds one. Grouped
     with shorter outliers in the top queue, documents longer than the context (all-long at
     7B-128K) ran at 1.1–1.5 until the first search (BENCHMARKS.md, "a queue for full pieces").
-    That queue is the start's only: the search weighs the others, and keeps them alone where
-    nothing beats them (ThresholdTuner.step).
+    That queue is the start's only: the first search weighs the other two against its
+    candidates and, where none beats them, keeps them without it (ThresholdTuner.step).
     """
     return sorted({max(1, int(max_piece * f)) for f in DEFAULT_THRESHOLD_FRACTIONS})
 
