@@ -1,6 +1,7 @@
 """End to end on the CPU: the debug recipe learns, checkpoints are complete and atomic, and a
 resumed run continues exactly where an uninterrupted one goes."""
 
+import contextlib
 import gc
 import json
 import time
@@ -170,9 +171,9 @@ def test_step_time_is_each_steps_own(tmp_path, cache_dir, monkeypatch):
     assert max(times[1:]) < 0.9, times
 
 
-def test_the_collector_runs_between_steps_on_its_schedule():
-    """Automatic collection is off inside; the young generations are collected at every third
-    step, everything after a save; the collector's state before is restored after."""
+@contextlib.contextmanager
+def collections():
+    """The generation of every garbage collection inside, in a list; collection is on after."""
     seen = []
 
     def record(phase, info):
@@ -181,6 +182,16 @@ def test_the_collector_runs_between_steps_on_its_schedule():
 
     gc.callbacks.append(record)
     try:
+        yield seen
+    finally:
+        gc.enable()
+        gc.callbacks.remove(record)
+
+
+def test_the_collector_runs_between_steps_on_its_schedule():
+    """Automatic collection is off inside; the young generations are collected at every third
+    step, everything after a save; the collector's state before is restored after."""
+    with collections() as seen:
         with CollectBetweenSteps(3) as collector:
             assert not gc.isenabled()
             for step in range(1, 8):
@@ -196,9 +207,6 @@ def test_the_collector_runs_between_steps_on_its_schedule():
         with CollectBetweenSteps(3):
             pass
         assert not gc.isenabled()
-    finally:
-        gc.enable()
-        gc.callbacks.remove(record)
     assert seen == ["step 1", "step 2", "step 3", 1, "step 4", "step 5", "step 6", 1, "step 7",
                     2], seen
 
@@ -206,23 +214,12 @@ def test_the_collector_runs_between_steps_on_its_schedule():
 def test_without_checkpoints_every_few_rounds_collect_everything():
     """With no save to run a full pass, every FULL_ROUNDS-th scheduled collection is one; a save
     starts the count again."""
-    seen = []
-
-    def record(phase, info):
-        if phase == "stop":
-            seen.append(info["generation"])
-
     rounds = CollectBetweenSteps.FULL_ROUNDS
-    gc.callbacks.append(record)
-    try:
-        with CollectBetweenSteps(2) as collector:
-            for step in range(1, 2 * (2 * rounds + 2) + 1):
-                collector.after_launch(step)
-                if step == 2 * (rounds + 1):
-                    collector.after_save()
-    finally:
-        gc.enable()
-        gc.callbacks.remove(record)
+    with collections() as seen, CollectBetweenSteps(2) as collector:
+        for step in range(1, 2 * (2 * rounds + 2) + 1):
+            collector.after_launch(step)
+            if step == 2 * (rounds + 1):
+                collector.after_save()
     # rounds - 1 young, a full one; a young one, the save's full one; rounds - 1 young, a full one
     young = [1] * (rounds - 1)
     assert seen == young + [2] + [1, 2] + young + [2] + [1], seen

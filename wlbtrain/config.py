@@ -148,7 +148,8 @@ class TrainConfig:
     compile: Literal["auto", True, False] = "auto"
     activation_checkpointing_every: int = 2
     # Python's garbage collector runs between steps, not inside them: its young generations
-    # every gc_every steps, a full pass at each checkpoint; 0 leaves it automatic
+    # every gc_every steps, a full pass at each checkpoint (or every 20th collection without
+    # one); 0 leaves it automatic
     gc_every: int = 50
 
     def validate(self) -> None:
