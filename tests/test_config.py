@@ -16,6 +16,8 @@ BAD_OVERRIDES = [
     (["model.dim=100"], "model.dim"),
     (["data.packing=greedy"], "data.packing"),
     (["data.balance=tokens"], "data.balance"),
+    (["data.max_token_delay=-1"], "data.max_token_delay"),
+    (["data.outlier_thresholds=[4096,8192]", "data.max_token_delay=0.5"], "data.max_token_delay"),
     (["data.balance=ranks", "parallel.pp=2"], "data.balance"),
     (["data.source=/no/such/store"], "data.source"),
     (["data.tokenizer=/no/tokenizer.json"], "data.tokenizer"),

@@ -171,6 +171,13 @@ def test_tuner_rejects_a_negative_budget():
         ThresholdTuner(CONTEXT, 4, CONTEXT, 4 * CONTEXT, COST, -1.0)
 
 
+def test_a_budget_with_fixed_thresholds_is_an_error():
+    with pytest.raises(ValueError, match="max_token_delay"):
+        make_packer("wlb", context=CONTEXT, max_tokens_per_micro_batch=CONTEXT,
+                    n_micro_batches=4, cost_model=COST, outlier_thresholds=[CONTEXT // 2],
+                    max_token_delay=0.5)
+
+
 # ------------------------------------------------------------- families at the paper's layouts
 
 # (context, micro-batches per step, cost model) of 7B-128K (TP8 CP2 PP4) and 550M-64K (TP2 CP2

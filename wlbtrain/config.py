@@ -96,6 +96,10 @@ class DataConfig:
         if self.max_token_delay is not None:
             _require(0 <= self.max_token_delay <= 1e6, "data.max_token_delay",
                      "a number of steps >= 0")
+            # a budget nothing spends would read as honoured while fixed queues ignore it
+            _require(self.outlier_thresholds == "auto", "data.max_token_delay",
+                     "no value with fixed data.outlier_thresholds (the budget is what `auto` "
+                     "tunes the queues under)")
 
 
 @dataclass
