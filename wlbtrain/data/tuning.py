@@ -279,6 +279,18 @@ def _penalised(imb: float, delay: float, ts, max_token_delay: float) -> float:
     return imb + DELAY_WEIGHT * delay + OVER_BUDGET_WEIGHT * over
 
 
+def verified_delay(estimated: float, replayed: float) -> float:
+    """The delay a replayed threshold set is held to the budget with. The estimate counts a
+    group still open at the window's end at its band's mean wait, the replay only what its
+    pieces have waited so far: where a rare band's group is open the estimate runs long and the
+    replay short, so they meet halfway. The replay also counts what the estimate cannot (the
+    carry-over, refine's holds), so it is never undercut. ``replayed`` is already shifted by the
+    margins (the estimate is held to the budget less them, the replay to all of it). Held to the
+    estimate alone, sets whose top queue sits at ½ context lost on the shared files at 0.5 steps
+    (twelve seeds: BENCHMARKS.md, "Shipped 2026-12-07 (a seventh session)")."""
+    return max(replayed, (estimated + replayed) / 2)
+
+
 class ThresholdSearch:
     """Forward selection on CANDIDATE_FRACTIONS of the longest piece (add the threshold that
     helps most, up to MAX_QUEUES), then each threshold nudged to its grid neighbours; on a
@@ -391,10 +403,8 @@ class ThresholdSearch:
             if not replay.done:
                 return
             ts = replay.thresholds
-            # the estimate's delay counts pieces still queued, the replay's the carry-over and
-            # holds; the estimate is held to the budget less its margin, the replay to all of it
             estimated = next(delay for seen, _, delay in self.seen if seen == ts)
-            delay = max(estimated, replay.delay() + REPLAY_DELAY_MARGIN - margin)
+            delay = verified_delay(estimated, replay.delay() + REPLAY_DELAY_MARGIN - margin)
             score = _penalised(replay.imbalance(), delay, ts, max_token_delay)
             self.verify["results"].append([ts, score])
             done = len(self.verify["results"])
