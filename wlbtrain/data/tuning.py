@@ -286,8 +286,8 @@ def verified_delay(estimated: float, replayed: float) -> float:
     replay short, so they meet halfway. The replay also counts what the estimate cannot (the
     carry-over, refine's holds), so it is never undercut. ``replayed`` is already shifted by the
     margins (the estimate is held to the budget less them, the replay to all of it). Held to the
-    estimate alone, sets whose top queue sits at ½ context lost on the shared files at 0.5 steps
-    (twelve seeds: BENCHMARKS.md, "Shipped 2026-12-07 (a seventh session)")."""
+    larger of the two, sets whose top queue sits at ½ context lost on the shared files at 0.5
+    steps (twelve seeds: BENCHMARKS.md, "Shipped 2026-12-07 (a seventh session)")."""
     return max(replayed, (estimated + replayed) / 2)
 
 
