@@ -438,12 +438,12 @@ class WlbPacker(Packer):
                                         cost_model, delay, refine=refine,
                                         refine_moves=refine_moves, max_carry=self.max_carry)
             thresholds = default_outlier_thresholds(max_piece)
-        elif max_token_delay is not None:
-            raise ValueError("max_token_delay is the budget of auto outlier thresholds; the "
-                             f"thresholds {thresholds} are fixed")
         elif isinstance(thresholds, str):
             raise ValueError(f"outlier thresholds {thresholds!r}: expected {AUTO!r} or a list of "
                              f"token counts")
+        elif max_token_delay is not None:
+            raise ValueError("max_token_delay is the budget of auto outlier thresholds; the "
+                             f"thresholds {thresholds} are fixed")
         self.thresholds = sorted(int(t) for t in thresholds)
         if any(t <= 0 for t in self.thresholds):
             raise ValueError(f"outlier thresholds must be positive, got {self.thresholds}")
