@@ -14,9 +14,11 @@ The estimate replays the window in stream order, as the packer sees it, without 
   ``units`` pieces) and the group goes whole into that step, an unqueued piece where it
   arrives; what a step pulled past its room waits one step;
 - at the cap every micro-batch is full, so a micro-batch with a piece of length L costs at least
-  a·L² + a·(cap − L)·s̄·FILL_SHARE + b·cap, where s̄ (= Σd²/Σd over the unqueued pieces) is the
-  attention per token of the short pieces that fill the rest: the packer cannot even it out by
-  adding work;
+  a·L² + b·cap: the packer cannot even it out by adding work. The pieces that fill the rest
+  count as free: the greedy gives the heaviest micro-batch the shortest it has, and counting
+  them at half the unqueued pieces' attention per token (as until 2026-12-08) overstated the
+  sets that leave medium pieces unqueued, so the replay rarely saw them (BENCHMARKS.md,
+  "Shipped 2026-12-08");
 - a step's imbalance is max(that floor over its pieces, the mean) / mean, the mean of what the
   step can hold (groups released together beyond it go out over the next steps);
 - a piece's delay is the release step of its group minus its arrival step (a group still open
@@ -45,9 +47,6 @@ import numpy as np
 from wlbtrain.data.cost import CostModel
 from wlbtrain.data.replay import Replay
 
-# The short pieces beside a long one are the shortest the greedy has: count them at this share
-# of the short pool's attention per token (0: free, 1: average) in a micro-batch's cost floor.
-FILL_SHARE = 0.5
 # Average token delay (steps) the tuner may spend when data.max_token_delay is not set; see
 # BENCHMARKS.md "Auto outlier queues": at 1 step every generated family but bimodal at 64K
 # meets 1.05 and wlb beats plain on all of them; at 0.5 (the paper's delay) documents much
@@ -228,8 +227,7 @@ def _step_imbalance(lengths, squares, pooled, band, step, inside, n_steps, units
     queued, short = band > 0, band == 0
     per_token = float(d2[short].sum() / d[short].sum()) if short.any() else 0.0
     own = np.where(pooled, 0.0, d)  # a pool of short pieces floors like a short piece
-    floor = a * own * own + a * np.maximum(unit_tokens - own, 0) * FILL_SHARE * per_token \
-        + b * unit_tokens
+    floor = a * own * own + b * unit_tokens
     full = inside & (step < n_steps - 1)  # the window's last step is partial
     if not full.any():
         full = inside
