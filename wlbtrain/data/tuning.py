@@ -15,10 +15,10 @@ The estimate replays the window in stream order, as the packer sees it, without 
   arrives; what a step pulled past its room waits one step;
 - at the cap every micro-batch is full, so a micro-batch with a piece of length L costs at least
   a·L² + b·cap: the packer cannot even it out by adding work. The pieces that fill the rest
-  count as free: the greedy gives the heaviest micro-batch the shortest it has, and counting
-  them at half the unqueued pieces' attention per token (as until 2026-12-08) overstated the
-  sets that leave medium pieces unqueued, so the replay rarely saw them (BENCHMARKS.md,
-  "Shipped 2026-12-08");
+  count as free, since the greedy gives the heaviest micro-batch the shortest it has; counted
+  at a share of the unqueued pieces' attention per token, they overstated the sets that leave
+  medium pieces unqueued, which the replay then rarely saw (BENCHMARKS.md, "Shipped
+  2026-12-08");
 - a step's imbalance is max(that floor over its pieces, the mean) / mean, the mean of what the
   step can hold (groups released together beyond it go out over the next steps);
 - a piece's delay is the release step of its group minus its arrival step (a group still open
