@@ -263,17 +263,17 @@ def test_the_estimate_sends_the_half_context_queue_to_the_replay(seed):
     and 0.5 steps, one queue at ½ context balances better than the two-queue sets the estimate
     used to put first (fixed queues, 300 steps, seeds 0-1: 1.077 at 0.40 steps against 1.100 at
     0.48 for {0.1, 0.5}; BENCHMARKS.md, "Shipped 2026-12-08"). With the fill beside a long piece
-    counted at half the unqueued pieces' attention it ranked 8th and 10th on two of these
-    seeds."""
+    counted at half the unqueued pieces' attention, the search left it out of the replay on
+    seed 2."""
     context, n, cost = LAYOUTS["550M-64K"]
     stream = DocumentStream(FAMILIES["lognormal"](20000, seed), seed, context, loop=True)
     window = pool_shorts([stream.next()[2] for _ in range(8000)], context)[-tuning.TUNE_WINDOW:]
-    grid = tuning.candidate_grid(context)
-    sets = [[]] + [[t] for t in grid] + [[s, t] for s in grid for t in grid if s < t]
-    queue_budget = 0.5 - tuning.CARRY_DELAY - tuning.REFINE_HOLD_DELAY
-    scores = sorted((tuning._score(window, ts, n, context, n * context, cost, queue_budget)[0], ts)
-                    for ts in sets)
-    assert [context // 2] in [ts for _, ts in scores[:tuning.VERIFY_CANDIDATES]]
+    tuner = ThresholdTuner(context, n, context, n * context, cost, 0.5, refine=True,
+                           refine_moves=16, max_carry=context)
+    search = ThresholdSearch.start(window, context, [], tuner.replay)
+    while search.verify is None and not search.done:
+        search.advance(10, n, context, n * context, cost, tuner.queue_delay, replay_steps=0)
+    assert search.verify is not None and [context // 2] in search.verify["queue"]
 
 
 def test_fixed_frontier_lists_the_best_sets_within_the_budget():
